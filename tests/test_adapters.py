@@ -1,0 +1,112 @@
+"""One contract, checked for every architecture family on a tiny random config."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, run_pipeline, tiny_model
+from wina_cli import probe
+from wina_cli.blocks import install_block_forward
+from wina_cli.errors import UnsupportedModelError
+from wina_cli.gating import GatePlan, GateSet
+from wina_cli.models.adapters import PROJECTIONS, adapter_class_for, adapter_for, supported_model_types
+
+
+class AdapterContract:
+    model_type: str
+
+    def test_adapter_is_chosen_by_model_type(self):
+        model = tiny_model(self.model_type)
+        assert self.model_type in adapter_for(model).model_types
+
+    def test_projections_have_consistent_shapes(self):
+        model = tiny_model(self.model_type)
+        a = adapter_for(model)
+        d = model.config.hidden_size
+        for layer in a.layers():
+            shapes = {n: tuple(a.proj_weight(layer, n).shape) for n in PROJECTIONS}
+            assert shapes["q"][1] == shapes["k"][1] == shapes["v"][1] == d
+            assert shapes["gate"] == shapes["up"] and shapes["gate"][1] == d
+            assert shapes["down"] == (d, shapes["gate"][0])
+            assert shapes["o"][0] == d and shapes["o"][1] == shapes["q"][0]
+
+    def test_block_forward_reproduces_the_family_forward(self):
+        model = tiny_model(self.model_type)
+        ids = probe.probe_ids(model.config.vocab_size, 3)
+        ref = probe.logits(model, ids)
+        install_block_forward(adapter_for(model))
+        got = probe.logits(model, ids)
+        assert torch.equal(ref, got)
+
+    def test_transform_is_exact(self):
+        ids = probe.probe_ids(300, 11)
+        ref = probe.logits(tiny_model(self.model_type, seed=0), ids)
+        state = run_pipeline(self.model_type, "wina")
+        state.gateset.apply(None, state.stats.col_norms, state.stats.in_features)
+        got = probe.logits(state.model, ids)
+        cmp = probe.compare(ref, got)
+        assert cmp["max_rel_delta"] < 1e-5, cmp
+        assert state.validation["transform"]["max_rel_delta"] < 1e-5
+
+    def test_transform_makes_key_columns_orthogonal(self):
+        state = run_pipeline(self.model_type, "wina")
+        a = state.adapter
+        for layer in a.layers():
+            wk = a.proj_weight(layer, "k").double()
+            gram = wk.T @ wk
+            off = gram - torch.diag(torch.diag(gram))
+            assert off.abs().max() < 1e-4 * gram.abs().max()
+
+    def test_sparsity_zero_is_dense_and_gates_change_output(self):
+        state = run_pipeline(self.model_type, "none")
+        ids = probe.probe_ids(300, 4)
+        st, gs = state.stats, state.gateset
+        gs.apply(None, st.col_norms, st.in_features)
+        dense = probe.logits(state.model, ids)
+        zero = state.allocation.per_projection("wina", "uniform", 0.0)
+        from wina_cli.gating import plan_gates
+
+        gs.apply(plan_gates(st, state.allocation, "wina", "threshold", "uniform", 0.0), st.col_norms, st.in_features)
+        assert torch.equal(probe.logits(state.model, ids), dense)
+        gs.apply(plan_gates(st, state.allocation, "wina", "threshold", "uniform", 0.5), st.col_norms, st.in_features)
+        assert not torch.allclose(probe.logits(state.model, ids), dense)
+        assert zero.sum() == 0
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_family_is_registered(model_type):
+    assert model_type in supported_model_types()
+
+
+def test_unknown_type_lists_supported():
+    with pytest.raises(UnsupportedModelError) as e:
+        adapter_class_for("gpt2")
+    assert "gpt2" in e.value.message and "llama" in e.value.message and e.value.exit_code == 5
+
+
+class TestLlama(AdapterContract):
+    model_type = "llama"
+
+
+class TestMistral(AdapterContract):
+    model_type = "mistral"
+
+
+class TestQwen2(AdapterContract):
+    model_type = "qwen2"
+
+
+class TestQwen3(AdapterContract):
+    model_type = "qwen3"
+
+
+class TestPhi3(AdapterContract):
+    model_type = "phi3"
+
+
+class TestGemma2(AdapterContract):
+    model_type = "gemma2"
+
+
+class TestGemma3(AdapterContract):
+    model_type = "gemma3_text"

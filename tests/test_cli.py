@@ -1,0 +1,192 @@
+"""The command line end to end, in a subprocess as users and CI run it, and every kind of bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clihelp import ROOT, as_json, run_inproc, run_sub
+
+SMALL = ["--num-samples", "4", "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llama_dir, calib_text):
+    """One artifact built by a real subprocess from a config file plus overriding flags."""
+    d = tmp_path_factory.mktemp("cli")
+    cfg = d / "recipe.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\ndata:\n  path: {calib_text}\n  num_samples: 4\n  seq_len: 64\n"
+                   "transform: wina\nsparsity:\n  target: 0.4\nallocation:\n  num_samples: 2\n  seq_len: 32\n"
+                   f"output: {d / 'from-config'}\n")
+    p = run_sub(["calibrate", "--config", cfg, "--sparsity", "0.5", "--json"])
+    assert p.returncode == 0, p.stderr
+    return d / "from-config", json.loads(p.stdout)
+
+
+def test_calibrate_from_config_with_override(built):
+    out, result = built
+    assert result["gates"]["target"] == 0.5  # the flag overrode the file
+    assert result["validation"]["transform"]["max_rel_delta"] < 1e-3
+    assert (out / "recipe.yaml").read_text().count("target: 0.5") == 1
+
+
+def test_recipe_yaml_rebuilds_the_same_artifact(built, tmp_path):
+    out, _ = built
+    p = run_sub(["calibrate", "--config", out / "recipe.yaml", "-o", tmp_path / "again"])
+    assert p.returncode == 0, p.stderr
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert (out / "wina.json").read_text() == (tmp_path / "again" / "wina.json").read_text()
+
+
+def test_inspect_bench_generate_env(built, eval_text):
+    out, _ = built
+    p = run_sub(["inspect", out, "--json"])
+    assert p.returncode == 0, p.stderr
+    assert as_json(p.stdout)["wina"]["transform"] == "wina"
+    p = run_sub(["inspect", out])
+    assert p.returncode == 0 and "per-layer sparsity" in p.stdout
+    p = run_sub(["bench", out, "--data", eval_text, "--sparsity", "0.25,0.5", "--num-samples", "2", "--seq-len", "64",
+                 "--json"])
+    assert p.returncode == 0, p.stderr
+    b = as_json(p.stdout)
+    assert b["dense_ppl"] > 1
+    sparse = [r for r in b["runs"] if r["criterion"] != "dense"]
+    assert len(sparse) == 2 * 2 * 2
+    for r in sparse:
+        assert {"criterion", "transform", "target_sparsity", "realized_sparsity", "ppl"} <= set(r)
+        assert r["realized_sparsity"] > 0.1 and r["ppl"] > 1
+    assert all(r["transform"] == "wina" for r in b["runs"])
+    p = run_sub(["generate", out, "--prompt", "river stone", "-n", "5", "--json"])
+    assert p.returncode == 0, p.stderr
+    assert as_json(p.stdout)["new_tokens"] >= 1
+    p = run_sub(["env", "--json"])
+    assert p.returncode == 0 and "CPUExecutionProvider" in as_json(p.stdout)["onnxruntime_providers"]
+
+
+def test_help_is_fast():
+    p = run_sub(["--help"])
+    assert p.returncode == 0 and "calibrate" in p.stdout
+    # Instant help means the CLI module imports no torch until a command runs.
+    p = subprocess.run([sys.executable, "-c", "import sys, wina_cli.cli; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, cwd=str(ROOT))
+    assert p.stdout.strip() == "False"
+
+
+def test_exit_code_table_matches_errors():
+    from wina_cli import errors
+
+    codes = {c.exit_code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.WinaError)}
+    assert codes - {1} <= set(errors.EXIT_CODES)
+    assert len(codes) == len([c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.WinaError)])
+    readme = (ROOT / "README.md").read_text()
+    for code in errors.EXIT_CODES:
+        assert f"| {code} |" in readme
+
+
+# -- bad input: each gets its own exit code, a message that says what and how to fix, and no output folder ----
+def _bad(capsys, args, code, *needles, out=None):
+    got, stdout, stderr = run_inproc(args, capsys)
+    assert got == code, (got, stderr)
+    text = " ".join(stderr.split())
+    for n in needles:
+        assert n in text, (n, text)
+    if out is not None:
+        assert not out.exists()
+
+
+def test_missing_model(capsys, tmp_path, calib_text):
+    _bad(capsys, ["calibrate", "-m", tmp_path / "nope", "-d", calib_text, "-o", tmp_path / "o"], 4,
+         "was not found", "Fix:", out=tmp_path / "o")
+
+
+def test_model_package_not_installed(capsys, tmp_path, calib_text):
+    _bad(capsys, ["calibrate", "-m", "package:no_such_pkg_xyz", "-d", calib_text, "-o", tmp_path / "o"], 4,
+         "not installed", out=tmp_path / "o")
+
+
+def test_corrupt_model_files(capsys, tmp_path, tiny_llama_dir, calib_text):
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    _bad(capsys, ["calibrate", "-m", bad, "-d", calib_text, "-o", tmp_path / "o", *SMALL], 4,
+         "could not be loaded", out=tmp_path / "o")
+    (bad / "model.safetensors").unlink()
+    _bad(capsys, ["calibrate", "-m", bad, "-d", calib_text, "-o", tmp_path / "o", *SMALL], 4, "no weight files")
+
+
+def test_unsupported_model_type(capsys, tmp_path, tiny_llama_dir, calib_text):
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _bad(capsys, ["calibrate", "-m", bad, "-d", calib_text, "-o", tmp_path / "o"], 5, "gpt2", "qwen3")
+
+
+def test_bad_yaml_and_unknown_key(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: x\n  bad: [indent\n")
+    _bad(capsys, ["calibrate", "--config", cfg], 3, "not valid YAML")
+    cfg.write_text("model: x\nsparsity:\n  taget: 0.5\n")
+    _bad(capsys, ["calibrate", "--config", cfg], 3, "`sparsity.taget`")
+
+
+def test_sparsity_out_of_range(capsys, tmp_path, calib_text):
+    _bad(capsys, ["calibrate", "-m", "x/y", "-d", calib_text, "-o", tmp_path / "o", "--sparsity", "0.95"], 3,
+         "[0, 0.9]")
+
+
+def test_empty_and_short_data(capsys, tmp_path, tiny_llama_dir):
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    _bad(capsys, ["calibrate", "-m", tiny_llama_dir, "-d", empty, "-o", tmp_path / "o", *SMALL], 6, "too short",
+         out=tmp_path / "o")
+    short = tmp_path / "s.txt"
+    short.write_text("river stone light " * 20)
+    _bad(capsys, ["calibrate", "-m", tiny_llama_dir, "-d", short, "-o", tmp_path / "o", *SMALL], 6, "too short")
+
+
+def test_existing_output(capsys, tmp_path, tiny_llama_dir, calib_text):
+    out = tmp_path / "o"
+    out.mkdir()
+    _bad(capsys, ["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", out, *SMALL], 7, "--overwrite")
+
+
+def test_onnx_not_available_yet(capsys, built, tmp_path):
+    out, _ = built
+    _bad(capsys, ["export", out, "--format", "onnx", "-o", tmp_path / "x"], 11, "ONNX", out=tmp_path / "x")
+
+
+def test_unknown_option_is_a_usage_error():
+    p = run_sub(["calibrate", "--frobnicate"])
+    assert p.returncode == 2
+
+
+def test_killed_mid_write_leaves_no_artifact(tmp_path, tiny_llama_dir, calib_text):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "wina_cli", "calibrate", "-m", str(tiny_llama_dir), "-d",
+                             str(calib_text), "-o", str(out), "--num-samples", "32", "--seq-len", "64"],
+                            cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    partial = None
+    while time.time() < deadline and proc.poll() is None:
+        found = [p for p in tmp_path.glob(".killed.partial-*") if (p / "model.safetensors").exists()]
+        if found:
+            partial = found[0]
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial is not None, "the run finished before it could be killed mid-write"
+    assert not out.exists()
+    # The next run clears the dead run's partial folder and writes a complete artifact.
+    p = run_sub(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", out, *SMALL])
+    assert p.returncode == 0, p.stderr
+    assert (out / "wina.json").exists() and not list(tmp_path.glob(".killed.partial-*"))

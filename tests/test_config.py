@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+
+from wina_cli.config import Recipe, load_recipe, validate
+from wina_cli.errors import ConfigError
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, "model: m\nsparsity:\n  target: 0.5\n  tagret: 0.4\n"))
+    assert "`sparsity.tagret`" in e.value.message and "target" in e.value.message
+    assert e.value.exit_code == 3
+
+
+def test_wrong_type_names_its_path(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, "model: m\ndata:\n  num_samples: many\n"))
+    assert "`data.num_samples` must be int" in e.value.message
+
+
+def test_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, "model: [unclosed\n"))
+    assert "not valid YAML" in e.value.message
+
+
+@pytest.mark.parametrize("target", [-0.1, 0.95, 1.0])
+def test_target_out_of_range(target):
+    r = Recipe(model="m")
+    r.data.path = "x"
+    r.sparsity.target = target
+    with pytest.raises(ConfigError) as e:
+        validate(r)
+    assert "[0, 0.9]" in e.value.message
+
+
+def test_bad_choice():
+    r = Recipe(model="m")
+    r.data.path = "x"
+    r.sparsity.criterion = "magnitude"
+    with pytest.raises(ConfigError) as e:
+        validate(r)
+    assert "sparsity.criterion" in e.value.message and "teal" in e.value.message
+
+
+def test_integers_are_accepted_as_floats(tmp_path):
+    r = load_recipe(write(tmp_path, "model: m\nsparsity:\n  target: 0\n"))
+    assert r.sparsity.target == 0.0 and isinstance(r.sparsity.target, float)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "sample_configs").glob("*.yaml")))
+def test_sample_configs_are_valid(name):
+    validate(load_recipe(str(ROOT / "sample_configs" / name)))
+
+
+def test_recipe_round_trips_through_yaml(tmp_path):
+    r = Recipe(model="m")
+    r.sparsity.target = 0.4
+    r2 = load_recipe(write(tmp_path, r.to_yaml()))
+    assert r2 == r

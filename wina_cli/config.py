@@ -1,0 +1,162 @@
+"""The recipe: a strict schema for YAML configs, CLI overrides on top, and the resolved form saved beside an
+artifact (recipe.yaml) so `wina calibrate --config recipe.yaml` rebuilds it.
+
+Unknown keys and wrong types are errors that name their path in the YAML (e.g. `sparsity.target`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataSection:
+    path: str = ""
+    num_samples: int = 64
+    seq_len: int = 512
+
+
+@dataclass
+class SparsitySection:
+    target: float = 0.5
+    criterion: str = "wina"  # wina | teal
+    allocation: str = "greedy"  # greedy | uniform
+    mode: str = "threshold"  # threshold | topk
+
+
+@dataclass
+class AllocationSection:
+    """How the greedy allocation measures block-output error: on a few short windows of the calibration text."""
+
+    num_samples: int = 4
+    seq_len: int = 64
+    step: float = 0.1  # per-step sparsity increase of an average-sized projection
+
+
+@dataclass
+class Recipe:
+    model: str = ""
+    data: DataSection = field(default_factory=DataSection)
+    transform: str = "wina"  # wina | none
+    sparsity: SparsitySection = field(default_factory=SparsitySection)
+    allocation: AllocationSection = field(default_factory=AllocationSection)
+    seed: int = 0
+    dtype: str = "float32"
+    output: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES = {
+    "transform": ("wina", "none"),
+    "sparsity.criterion": ("wina", "teal"),
+    "sparsity.allocation": ("greedy", "uniform"),
+    "sparsity.mode": ("threshold", "topk"),
+    "dtype": ("float32", "float16", "bfloat16"),
+}
+
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{path or '<top level>'}` must be a mapping, got {type(data).__name__}",
+                          "the config is a nested YAML mapping", "see sample_configs/ for the layout")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key `{where}` in the config",
+                              f"`{path or 'the top level'}` accepts only: {', '.join(sorted(names))}",
+                              "remove or rename the key")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, where)
+        else:
+            kwargs[key] = _coerce(typ, value, where)
+    return cls(**kwargs)
+
+
+def _coerce(typ, value, where):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise ConfigError(f"`{where}` must be {typ.__name__}, got {type(value).__name__} ({value!r})",
+                          "the schema fixes each key's type", f"write a {typ.__name__} for `{where}`")
+    return value
+
+
+def get_path(recipe: Recipe, dotted: str):
+    obj = recipe
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(recipe: Recipe, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    obj = recipe
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
+    for key, allowed in CHOICES.items():
+        v = get_path(recipe, key)
+        if v not in allowed:
+            raise ConfigError(f"`{key}` is '{v}'", f"it must be one of: {', '.join(allowed)}",
+                              f"set `{key}` to one of those")
+    t = recipe.sparsity.target
+    if not (0.0 <= t <= 0.9):
+        raise ConfigError(f"`sparsity.target` is {t}", "a target sparsity must lie in [0, 0.9]",
+                          "pass a value such as 0.5")
+    for key in ("data.num_samples", "data.seq_len", "allocation.num_samples", "allocation.seq_len"):
+        if get_path(recipe, key) < 1:
+            raise ConfigError(f"`{key}` is {get_path(recipe, key)}", "it must be at least 1", "raise it")
+    if recipe.allocation.seq_len > recipe.data.seq_len:
+        raise ConfigError(f"`allocation.seq_len` ({recipe.allocation.seq_len}) exceeds `data.seq_len` "
+                          f"({recipe.data.seq_len})", "allocation windows are cut from the calibration windows",
+                          "lower allocation.seq_len")
+    if recipe.allocation.num_samples > recipe.data.num_samples:
+        raise ConfigError(f"`allocation.num_samples` ({recipe.allocation.num_samples}) exceeds "
+                          f"`data.num_samples` ({recipe.data.num_samples})",
+                          "allocation windows are a subset of the calibration windows", "lower allocation.num_samples")
+    if not (0.0 < recipe.allocation.step <= 0.5):
+        raise ConfigError(f"`allocation.step` is {recipe.allocation.step}", "it must lie in (0, 0.5]",
+                          "use e.g. 0.05")
+    if not recipe.model:
+        raise ConfigError("no model given", "calibration needs a checkpoint",
+                          "pass --model or set `model:` in the config")
+    if need_data and not recipe.data.path:
+        raise ConfigError("no calibration data given", "thresholds are calibrated on sample text",
+                          "pass --data or set `data.path` in the config")
+    return recipe
+
+
+def load_recipe(path: str | None) -> Recipe:
+    if path is None:
+        return Recipe()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist", "--config names a YAML file", "check the path")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML", str(e).replace("\n", " "),
+                          "fix the YAML syntax") from e
+    return _build(Recipe, data, "")
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    return _build(Recipe, data, "")

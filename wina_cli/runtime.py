@@ -1,0 +1,134 @@
+"""The torch runtime: an artifact (or a pipeline's model) as a runnable model with real gates.
+
+It is the reference every export is validated against: forward, perplexity and generation run through the same
+block forward and GatedLinear as calibration did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .artifact import WEIGHTS, Artifact, read_artifact
+from .blocks import BASIS_BUFFERS, install_block_forward, set_basis_buffers
+from .errors import ArtifactError, ConfigError
+from .gating import ALLOCATIONS, Allocation, CalibrationStats, GatePlan, GateSet, plan_gates
+from .models.adapters import PROJECTIONS, Adapter, adapter_for
+from .models.load import DTYPES
+from .sparse import CRITERIA, MODES
+
+GATE_PREFIX = "wina."
+
+
+def gate_tensors(stats: CalibrationStats, alloc: Allocation, plan: GatePlan) -> dict[str, torch.Tensor]:
+    t = {
+        "wina.in_features": stats.in_features, "wina.out_features": stats.out_features,
+        "wina.col_norms": stats.col_norms, "wina.sizes": alloc.sizes,
+        "wina.gate.sparsity": plan.sparsity, "wina.gate.threshold": plan.threshold, "wina.gate.k": plan.k,
+        "wina.calibration_tokens": torch.tensor([stats.tokens], dtype=torch.int64),
+    }
+    for c, q in stats.quantiles.items():
+        t[f"wina.quantiles.{c}"] = q
+    for c, paths in alloc.greedy.items():
+        for l, path in enumerate(paths):
+            t[f"wina.greedy.{c}.{l}"] = path
+    return {k: v.contiguous() for k, v in t.items()}
+
+
+def read_gate_tensors(t: dict[str, torch.Tensor], wina_cfg: dict) -> tuple[CalibrationStats, Allocation, GatePlan]:
+    try:
+        stats = CalibrationStats({c: t[f"wina.quantiles.{c}"].float() for c in CRITERIA},
+                                 t["wina.col_norms"].float(), t["wina.in_features"], t["wina.out_features"],
+                                 int(t["wina.calibration_tokens"][0]))
+        L = stats.num_layers
+        alloc = Allocation(t["wina.sizes"].float(),
+                           {c: [t[f"wina.greedy.{c}.{l}"].float() for l in range(L)] for c in CRITERIA
+                            if f"wina.greedy.{c}.0" in t})
+        plan = GatePlan(wina_cfg["criterion"], wina_cfg["mode"], wina_cfg["allocation"], float(wina_cfg["target"]),
+                        t["wina.gate.sparsity"].float(), t["wina.gate.threshold"].float(), t["wina.gate.k"])
+    except KeyError as e:
+        raise ArtifactError(f"the artifact's weights lack gate tensor {e}", "the file is not a complete wina artifact",
+                            "rebuild it with `wina calibrate`") from e
+    return stats, alloc, plan
+
+
+@dataclass
+class Runtime:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    gateset: GateSet
+    stats: CalibrationStats
+    allocation: Allocation
+    plan: GatePlan | None  # the gates in force; None = dense
+    default_plan: GatePlan
+    artifact: Artifact | None = None
+
+    def use_plan(self, plan: GatePlan | None) -> None:
+        self.plan = plan
+        self.gateset.apply(plan, self.stats.col_norms, self.stats.in_features)
+
+    def plan_for(self, criterion: str, mode: str, allocation: str, target: float) -> GatePlan:
+        if criterion not in CRITERIA or mode not in MODES or allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown gate setting {criterion}/{mode}/{allocation}",
+                              f"criteria: {CRITERIA}, modes: {MODES}, allocations: {ALLOCATIONS}", "pick from those")
+        if not 0.0 <= target <= 0.9:
+            raise ConfigError(f"target sparsity {target} is out of range", "targets lie in [0, 0.9]",
+                              "pick a value such as 0.5")
+        if allocation == "greedy" and criterion not in self.allocation.greedy:
+            raise ArtifactError(f"the artifact has no greedy allocation for criterion '{criterion}'",
+                                "it was calibrated without it", "use --allocation uniform or recalibrate")
+        return plan_gates(self.stats, self.allocation, criterion, mode, allocation, target)
+
+    def dense(self):
+        self.use_plan(None)
+
+
+def load_runtime(path: str | Path, dtype: str | None = None, verify: bool = True, partial: bool = False) -> Runtime:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    art = read_artifact(path, verify=verify, partial=partial)
+    wcfg = art.wina
+    config = AutoConfig.from_pretrained(str(art.path), local_files_only=True)
+    torch_dtype = DTYPES[dtype or wcfg.get("dtype", "float32")]
+    try:
+        tensors = load_file(str(art.path / WEIGHTS))
+    except Exception as e:
+        raise ArtifactError(f"'{WEIGHTS}' in '{art.path}' cannot be read", str(e), "rebuild the artifact") from e
+    model_sd = {k: v for k, v in tensors.items() if not k.startswith(GATE_PREFIX)}
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    adapter = adapter_for(model)
+    for l, layer in enumerate(adapter.layers()):
+        mats = {}
+        for name in BASIS_BUFFERS:
+            key = next((k for k in model_sd if k.endswith(f"layers.{l}.{name}")), None)
+            if key is not None:
+                mats[name] = torch.empty_like(model_sd[key], dtype=torch_dtype)
+        if mats:
+            set_basis_buffers(layer, **mats)
+    model_sd = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in model_sd.items()}
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    allowed_missing = {"lm_head.weight"} if tied else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise ArtifactError(f"the weights in '{art.path}' do not fit its config",
+                            f"missing {sorted(set(missing) - allowed_missing)[:5]}, unexpected {sorted(unexpected)[:5]}",
+                            "rebuild the artifact")
+    if tied:
+        model.tie_weights()
+    install_block_forward(adapter)
+    stats, alloc, plan = read_gate_tensors(tensors, wcfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(art.path), local_files_only=True)
+    rt = Runtime(model, tokenizer, adapter, GateSet(adapter), stats, alloc, None, plan, art)
+    rt.use_plan(plan)
+    return rt
+
+
+def realized_table(rt: Runtime) -> torch.Tensor:
+    return rt.gateset.realized()
+
+
+__all__ = ["Runtime", "load_runtime", "gate_tensors", "read_gate_tensors", "PROJECTIONS"]
