@@ -86,7 +86,6 @@ def validate_written(folder: Path, ref_model, plan: GatePlan, stats, dtype: str,
     against the reference with the same gates; in a reduced dtype, against the reference cast to that dtype with
     the same gates (gate decisions of channels sitting on a threshold legitimately flip between dtypes, so the
     float32 model is not the right reference for them)."""
-    import copy
 
     rt = load_runtime(folder, verify=False, dtype=dtype, partial=True)
     ids = probe.probe_ids(ref_model.config.vocab_size, seed)
@@ -96,7 +95,7 @@ def validate_written(folder: Path, ref_model, plan: GatePlan, stats, dtype: str,
         if ref_gateset is not None:
             ref_gateset.apply(use, stats.col_norms, stats.in_features)
         if label == "sparse" and dtype != "float32":
-            ref = probe.logits(copy.deepcopy(ref_model).to(DTYPES[dtype]), ids)
+            ref = probe.logits(_cast_like_loader(ref_model, DTYPES[dtype]), ids)
         else:
             ref = probe.logits(ref_model, ids)
         rt.use_plan(use)
@@ -111,6 +110,22 @@ def validate_written(folder: Path, ref_model, plan: GatePlan, stats, dtype: str,
     if ref_gateset is not None:
         ref_gateset.apply(plan, stats.col_norms, stats.in_features)
     return result
+
+
+def _cast_like_loader(model, dtype: torch.dtype):
+    """A copy with what the artifact stores (parameters, persistent buffers) in `dtype`, and everything the
+    model computes for itself (rotary frequencies, embedding scales) as the loader leaves it."""
+    import copy
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.data = p.data.to(dtype)
+        for mod in m.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.is_floating_point() and name not in mod._non_persistent_buffers_set:
+                    mod._buffers[name] = buf.to(dtype)
+    return m
 
 
 def reexport(artifact: str, output: str, dtype: str, overwrite: bool, log=lambda m: None) -> dict:

@@ -62,6 +62,10 @@ def test_inspect_bench_generate_env(built, eval_text):
         assert {"criterion", "transform", "target_sparsity", "realized_sparsity", "ppl"} <= set(r)
         assert r["realized_sparsity"] > 0.1 and r["ppl"] > 1
     assert all(r["transform"] == "wina" for r in b["runs"])
+    from wina_cli.bench.report import markdown
+
+    md = markdown(b).splitlines()
+    assert len(md) == 2 + 4 and md[0].endswith("| 0.25 | 0.5 |")  # header, rule, 2 criteria x 2 allocations
     p = run_sub(["generate", out, "--prompt", "river stone", "-n", "5", "--json"])
     assert p.returncode == 0, p.stderr
     assert as_json(p.stdout)["new_tokens"] >= 1

@@ -219,6 +219,7 @@ def bench(
     seq_len: int = typer.Option(512, "--seq-len"),
     seed: int = typer.Option(1, "--seed"),
     json_out: bool = typer.Option(False, "--json"),
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (targets as columns) on stdout."),
 ):
     """Quality: perplexity dense vs sparse over a sweep of targets, criteria and allocations, with the sparsity
     each projection really had and FLOPs per token."""
@@ -259,6 +260,11 @@ def bench(
               "runs": runs}
     if json_out:
         _emit_json(result)
+        return
+    if markdown:
+        from .bench.report import markdown as render
+
+        sys.stdout.write(render(result))
         return
     t = Table(title=f"wina bench: perplexity on {data} ({windows.provenance['tokens']} tokens, mode {mode})")
     for col in ("artifact", "transform", "criterion", "allocation", "target", "realized", "ppl", "vs dense", "GFLOP/token"):
@@ -409,9 +415,24 @@ def exit_codes():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
-    import click
+def _usage_exit(e: BaseException) -> int | None:
+    """The exit code of a command-line parsing outcome (help shown, bad option, abort), else None.
 
+    Typer ships its own copy of click's exception classes, so they are recognized by shape, not by class."""
+    code = getattr(e, "exit_code", None)
+    name = type(e).__name__
+    if name == "Exit" and isinstance(code, int):
+        return code
+    if name == "Abort":
+        err.print("aborted")
+        return 130
+    if hasattr(e, "show") and isinstance(code, int):
+        e.show()
+        return code
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False, prog_name="wina")
     except WinaError as e:
@@ -423,22 +444,18 @@ def main(argv: list[str] | None = None) -> None:
 
         err.print(f"[bold red]error[/bold red] {escape('[' + e.kind + ']')}: {escape(e.message)}", highlight=False)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # a bug: say so plainly, keep the traceback behind --debug
+    except Exception as e:
+        code = _usage_exit(e)
+        if code is not None:
+            sys.exit(code)
         if _STATE["debug"]:
             raise
         from rich.markup import escape
 
+        # A bug: say so plainly, keep the traceback behind --debug.
         err.print(f"[bold red]internal error[/bold red]: {escape(type(e).__name__ + ': ' + str(e))}. This is a bug "
                   "in wina; rerun with --debug for the traceback and report it.", highlight=False)
         sys.exit(1)
