@@ -50,7 +50,9 @@ def _state_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if ptr in seen and tied:
             continue  # a tied copy: the config's tie_word_embeddings restores it
         seen[ptr] = k
-        out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
+        # No copy when the dtype already matches: save_file only reads, and a copy of every weight would double
+        # the peak memory of a calibration.
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     return out
 
 

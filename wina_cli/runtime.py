@@ -110,7 +110,9 @@ def load_runtime(path: str | Path, dtype: str | None = None, verify: bool = True
         if mats:
             set_basis_buffers(layer, **mats)
     model_sd = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in model_sd.items()}
-    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    # assign: the loaded tensors become the parameters, so the randomly initialized ones are freed instead of
+    # being overwritten while both copies are alive.
+    missing, unexpected = model.load_state_dict(model_sd, strict=False, assign=True)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     allowed_missing = {"lm_head.weight"} if tied else set()
     if set(missing) - allowed_missing or unexpected:
