@@ -19,7 +19,8 @@ from .errors import EXIT_CODES, ConfigError, NotAvailableError, WinaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wina: compile a Hugging Face decoder into an activation-sparse artifact (WINA / TEAL gates).")
-out = Console(soft_wrap=True)
+# Off a terminal (logs, CI) rich would squeeze tables into 80 columns and cut every cell short.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 _STATE = {"debug": False}
 
