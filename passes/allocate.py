@@ -103,18 +103,17 @@ class Allocate(Pass):
         alloc = Allocation(sizes.float())
         # Greedy paths for both criteria are always computed: the artifact then serves every criterion,
         # allocation and target without recalibrating (wina bench sweeps them).
-        if True:
-            ids = state.calib_ids[: r.allocation.num_samples, : r.allocation.seq_len]
-            inputs = capture_block_inputs(a, ids)
-            layers = a.layers()
-            for c in CRITERIA:
-                paths = []
-                for l, layer in enumerate(layers):
-                    state.progress(f"({l + 1}/{len(layers)}) allocating [{c}]")
-                    x, kw = inputs[l]
-                    paths.append(greedy_path(layer, l, x, kw, state.gateset, state.stats, c, sizes[l],
-                                             r.allocation.step))
-                alloc.greedy[c] = paths
+        ids = state.calib_ids[: r.allocation.num_samples, : r.allocation.seq_len]
+        inputs = capture_block_inputs(a, ids)
+        layers = a.layers()
+        for c in CRITERIA:
+            paths = []
+            for l, layer in enumerate(layers):
+                state.progress(f"({l + 1}/{len(layers)}) allocating [{c}]")
+                x, kw = inputs[l]
+                paths.append(greedy_path(layer, l, x, kw, state.gateset, state.stats, c, sizes[l],
+                                         r.allocation.step))
+            alloc.greedy[c] = paths
         state.allocation = alloc
         return PassResult(True, {"criteria": sorted(alloc.greedy)})
 

@@ -127,10 +127,3 @@ def load_runtime(path: str | Path, dtype: str | None = None, verify: bool = True
     rt = Runtime(model, tokenizer, adapter, GateSet(adapter), stats, alloc, None, plan, art)
     rt.use_plan(plan)
     return rt
-
-
-def realized_table(rt: Runtime) -> torch.Tensor:
-    return rt.gateset.realized()
-
-
-__all__ = ["Runtime", "load_runtime", "gate_tensors", "read_gate_tensors", "PROJECTIONS"]
