@@ -115,18 +115,14 @@ def validate_written(folder: Path, ref_model, plan: GatePlan, stats, dtype: str,
 
 
 def _cast_like_loader(model, dtype: torch.dtype):
-    """A copy with what the artifact stores (parameters, persistent buffers) in `dtype`, and everything the
-    model computes for itself (rotary frequencies, embedding scales) as the loader leaves it."""
+    """A copy loaded the way `load_runtime` loads an artifact: the state dict (parameters and persistent
+    buffers) assigned in `dtype`, everything the model computes for itself (rotary frequencies, embedding
+    scales) left as it is."""
     import copy
 
     m = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.data = p.data.to(dtype)
-        for mod in m.modules():
-            for name, buf in list(mod._buffers.items()):
-                if buf is not None and buf.is_floating_point() and name not in mod._non_persistent_buffers_set:
-                    mod._buffers[name] = buf.to(dtype)
+    m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()},
+                      assign=True)
     return m
 
 

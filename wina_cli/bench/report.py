@@ -5,20 +5,16 @@ from __future__ import annotations
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    targets = sorted({r["target_sparsity"] for r in runs if r["criterion"] != "dense"})
+    dense = {r["artifact"]: r["ppl"] for r in runs if r["criterion"] == "dense"}
+    rows: dict[tuple, dict[float, dict]] = {}  # insertion order = the order the bench ran them
+    for r in runs:
+        if r["criterion"] != "dense":
+            key = (r["artifact"], r["transform"], r["criterion"], r["allocation"])
+            rows.setdefault(key, {})[r["target_sparsity"]] = r
+    targets = sorted({t for cells in rows.values() for t in cells})
     lines = ["| transform | criterion | allocation | dense | " + " | ".join(f"{t:g}" for t in targets) + " |",
              "|---|---|---|---|" + "---|" * len(targets)]
-    dense = {r["artifact"]: r["ppl"] for r in runs if r["criterion"] == "dense"}
-    keys = []
-    for r in runs:
-        k = (r["artifact"], r["transform"], r["criterion"], r["allocation"])
-        if r["criterion"] != "dense" and k not in keys:
-            keys.append(k)
-    for art, transform, crit, alloc in keys:
-        cells = []
-        for t in targets:
-            hit = [r for r in runs if (r["artifact"], r["transform"], r["criterion"], r["allocation"]) ==
-                   (art, transform, crit, alloc) and r["target_sparsity"] == t]
-            cells.append(f"{hit[0]['ppl']:.2f} ({hit[0]['realized_sparsity']:.3f})" if hit else "-")
-        lines.append(f"| {transform} | {crit} | {alloc} | {dense[art]:.2f} | " + " | ".join(cells) + " |")
+    for (art, transform, crit, alloc), cells in rows.items():
+        text = [f"{cells[t]['ppl']:.2f} ({cells[t]['realized_sparsity']:.3f})" if t in cells else "-" for t in targets]
+        lines.append(f"| {transform} | {crit} | {alloc} | {dense[art]:.2f} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
