@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 ASSETS := assets
 
 NATIVE := wina_cli/native/libwina_ops.so
+NATIVE_CUDA := wina_cli/native/libwina_ops_cuda.so
 ORT_HEADERS := build/ort-headers
+NVCC := $(shell command -v nvcc 2>/dev/null)
 
 .PHONY: setup assets native test demo clean
 
@@ -22,17 +24,16 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP) assets native
 
-# wina's native ONNX Runtime kernels. ONNX Runtime's C/C++ headers come from Debian 13's libonnxruntime-dev
-# (downloaded and unpacked, not installed; no PyPI package ships them). -march=native: the library is built on
-# the machine that runs it.
-$(ORT_HEADERS)/onnxruntime_cxx_api.h:
-	bash scripts/fetch_ort_headers.sh $(ORT_HEADERS)
+# wina's native ONNX Runtime kernels (scripts/build_native.sh). ONNX Runtime's C/C++ headers come from Debian 13's
+# libonnxruntime-dev, downloaded and unpacked into build/ (not installed): no PyPI package ships them.
+$(NATIVE): wina_cli/native/wina_ops.cc scripts/build_native.sh
+	bash scripts/build_native.sh cpu $@
 
-$(NATIVE): wina_cli/native/wina_ops.cc $(ORT_HEADERS)/onnxruntime_cxx_api.h
-	g++ -O3 -march=native -std=c++17 -fPIC -shared -fvisibility=hidden -Wall -I $(ORT_HEADERS) $< -o $@.part
-	mv $@.part $@
+# Where nvcc exists, a second library that also holds the CUDA kernel (compiled only: no GPU here to run it).
+$(NATIVE_CUDA): wina_cli/native/wina_ops.cc wina_cli/native/wina_ops_cuda.cu scripts/build_native.sh
+	bash scripts/build_native.sh cuda $@
 
-native: $(NATIVE)
+native: $(NATIVE) $(if $(NVCC),$(NATIVE_CUDA))
 
 assets: $(ASSETS)/kjv.jsonl $(ASSETS)/python-docs/.done
 
@@ -54,4 +55,4 @@ demo: setup
 	$(BIN)/wina generate artifacts/smollm2-135m-wina --prompt "The capital of France is" --max-new-tokens 24
 
 clean:
-	rm -rf $(VENV) $(ASSETS) artifacts build $(NATIVE)
+	rm -rf $(VENV) $(ASSETS) artifacts build $(NATIVE) $(NATIVE_CUDA)

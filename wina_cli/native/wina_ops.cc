@@ -268,6 +268,57 @@ struct GatedOp : Ort::CustomOpBase<GatedOp<TopK>, GatedKernel> {
 
 GatedOp<false> g_gated;
 GatedOp<true> g_topk;
+
+#ifdef WINA_WITH_CUDA
+}  // namespace
+extern "C" int wina_cuda_gated_matmul(const float* x, const void* w, bool w_f16, const float* scale, float* y,
+                                      int64_t rows, int64_t in, int64_t out, float threshold, void* stream);
+namespace {
+
+// GatedMatMul on the CUDA execution provider (threshold mode; top-k nodes stay on the CPU kernel). Unverified on
+// hardware: see wina_ops_cuda.cu.
+struct CudaGatedKernel {
+  float threshold;
+  explicit CudaGatedKernel(const OrtKernelInfo* info) {
+    threshold = Ort::ConstKernelInfo(info).GetAttribute<float>("threshold");
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto x = ctx.GetInput(0);
+    auto w = ctx.GetInput(1);
+    auto scale = ctx.GetInput(2);
+    const auto xshape = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto wshape = w.GetTensorTypeAndShapeInfo().GetShape();
+    const auto wtype = w.GetTensorTypeAndShapeInfo().GetElementType();
+    if (wshape.size() != 2 || xshape.empty() || xshape.back() != wshape[0])
+      ORT_CXX_API_THROW("ai.wina gated matmul: X[..., in] and W[in, out] do not match", ORT_INVALID_ARGUMENT);
+    int64_t rows = 1;
+    for (size_t d = 0; d + 1 < xshape.size(); ++d) rows *= xshape[d];
+    std::vector<int64_t> yshape(xshape.begin(), xshape.end());
+    yshape.back() = wshape[1];
+    auto y = ctx.GetOutput(0, yshape);
+    const int err = wina_cuda_gated_matmul(x.GetTensorData<float>(), w.GetTensorRawData(),
+                                           wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+                                           scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows,
+                                           wshape[0], wshape[1], threshold, ctx.GetGPUComputeStream());
+    if (err != 0) ORT_CXX_API_THROW("ai.wina gated matmul: CUDA launch failed", ORT_RUNTIME_EXCEPTION);
+  }
+};
+
+struct CudaGatedOp : Ort::CustomOpBase<CudaGatedOp, CudaGatedKernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new CudaGatedKernel(info); }
+  const char* GetName() const { return "GatedMatMul"; }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+CudaGatedOp g_cuda_gated;
+#endif
 std::mutex g_domain_mutex;
 std::vector<Ort::CustomOpDomain> g_domains;  // must outlive every session that uses them
 
@@ -286,6 +337,9 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     Ort::CustomOpDomain domain("ai.wina");
     domain.Add(&g_gated);
     domain.Add(&g_topk);
+#ifdef WINA_WITH_CUDA
+    domain.Add(&g_cuda_gated);
+#endif
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(g_domain_mutex);
     g_domains.push_back(std::move(domain));
