@@ -99,22 +99,11 @@ def _single_op_model(n_in: int, n_out: int, w: np.ndarray, threshold: float | No
     return m.SerializeToString()
 
 
-def _time_session(sess, xs: list[np.ndarray], reps: int) -> float:
-    for x in xs[:4]:
-        sess.run(None, {"X": x})
-    times = []
-    for r in range(reps):
-        x = xs[r % len(xs)]
-        t = time.perf_counter()
-        sess.run(None, {"X": x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int = 40, n_inputs: int = 16,
+def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int = 64, n_inputs: int = 16,
                  seed: int = 0, threads: int | None = None, log=lambda m: None) -> list[dict]:
     """Gated GEMV vs ONNX Runtime's dense MatMul, fp32 weights [in, out], batch 1. Inputs cycle over `n_inputs`
-    random vectors so the kept rows change from call to call (a fixed input would keep its rows in cache)."""
+    random vectors so the kept rows change from call to call (a fixed input would keep its rows in cache), and
+    the dense and sparse sessions take turns burst by burst, so drift in the machine's speed hits all alike."""
     import onnxruntime as ort
 
     from .. import native
@@ -128,23 +117,34 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
         w = (rng.standard_normal((n_in, n_out), dtype=np.float32) * 0.02).astype(np.float32)
         xs = [rng.standard_normal((1, 1, n_in), dtype=np.float32) for _ in range(n_inputs)]
         pooled = np.abs(np.concatenate([x.ravel() for x in xs]))
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        dense = ort.InferenceSession(_single_op_model(n_in, n_out, w, None), so, providers=["CPUExecutionProvider"])
-        dense_ms = _time_session(dense, xs, reps)
-        del dense
-        for s in sparsities:
-            thr = float(np.quantile(pooled, s)) if s > 0 else -1.0
-            realized = float((pooled <= thr).mean()) if s > 0 else 0.0
+        thresholds = [float(np.quantile(pooled, s)) if s > 0 else -1.0 for s in sparsities]
+        sessions = []
+        for thr in (None, *thresholds):
             so = ort.SessionOptions()
+            # Several sessions are alive at once, each with its own pool: idle workers must sleep, not spin on
+            # the cores the running session needs.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if threads:
                 so.intra_op_num_threads = threads
-            so.register_custom_ops_library(str(lib))
-            sparse = ort.InferenceSession(_single_op_model(n_in, n_out, w, thr), so,
-                                          providers=["CPUExecutionProvider"])
-            ms = _time_session(sparse, xs, reps)
-            del sparse
+            if thr is not None:
+                so.register_custom_ops_library(str(lib))
+            sessions.append(ort.InferenceSession(_single_op_model(n_in, n_out, w, thr), so,
+                                                 providers=["CPUExecutionProvider"]))
+        # Rounds of bursts: each session in turn runs every input once; the first calls of a burst are not
+        # timed, since the previous session's pool threads may still be spinning on the same cores.
+        times = [[] for _ in sessions]
+        for r in range(-1, max(1, reps // len(xs))):  # round -1 warms up
+            for i, sess in enumerate(sessions):
+                for j, x in enumerate(xs):
+                    t = time.perf_counter()
+                    sess.run(None, {"X": x})
+                    if r >= 0 and j >= 2:
+                        times[i].append(time.perf_counter() - t)
+        del sessions
+        dense_ms = statistics.median(times[0]) * 1e3
+        for s, thr, ts in zip(sparsities, thresholds, times[1:]):
+            ms = statistics.median(ts) * 1e3
+            realized = float((pooled <= thr).mean())
             row = {"shape": [n_in, n_out], "sparsity": s, "realized_sparsity": round(realized, 4),
                    "dense_ms": round(dense_ms, 4), "sparse_ms": round(ms, 4), "speedup": round(dense_ms / ms, 3),
                    "ideal": round(1.0 / (1.0 - realized), 3),

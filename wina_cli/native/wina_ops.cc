@@ -64,6 +64,18 @@ void keep_topk(const float* x, const float* scale, int64_t n, int64_t k, std::ve
   for (int32_t i : out.idx) out.val.push_back(x[i]);
 }
 
+// Kept rows are scattered, so each is a new memory stream; for short rows (a few KB) the hardware prefetcher
+// barely starts before the row ends. So the rows two groups ahead are prefetched, up to kPrefetchBytes of each.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_rows(const char* w, int64_t row_bytes, const int32_t* idx, size_t a, size_t a1) {
+  const int64_t n = std::min(row_bytes, kPrefetchBytes);
+  for (size_t q = a; q < std::min(a + 8, a1); ++q) {
+    const char* r = w + static_cast<int64_t>(idx[q]) * row_bytes;
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(r + off, 0, 3);
+  }
+}
+
 // y[j0:j1] = sum over a in [a0, a1) of val[a] * W[idx[a], j0:j1]. Eight rows per sweep, so Y is loaded and
 // stored once per eight weight rows.
 void accumulate_f32(float* __restrict y, const float* __restrict w, int64_t out, const Kept& kept, size_t a0,
@@ -72,7 +84,12 @@ void accumulate_f32(float* __restrict y, const float* __restrict w, int64_t out,
   size_t a = a0;
   const int32_t* idx = kept.idx.data();
   const float* val = kept.val.data();
+  const char* wb = reinterpret_cast<const char*>(w);
+  const int64_t row_bytes = out * 4;
+  prefetch_rows(wb, row_bytes, idx, a, a1);
+  prefetch_rows(wb, row_bytes, idx, a + 8, a1);
   for (; a + 8 <= a1; a += 8) {
+    prefetch_rows(wb, row_bytes, idx, a + 16, a1);
     const float* __restrict r[8];
     float v[8];
     for (int q = 0; q < 8; ++q) {
@@ -223,14 +240,12 @@ struct GatedKernel {
       else
         keep_threshold(xp + r * in, sp, in, threshold, rows[r]);
     }
-    // Tasks read long contiguous pieces of weight rows (at least 1024 columns where the row has them); a row
-    // with few column blocks is also split over its kept channels, into partial sums added up afterwards, so a
-    // single token still gives the pool about kTasks tasks.
-    constexpr int64_t kTasks = 8;
-    int64_t block = std::min(out, std::max<int64_t>(1024, (out + kTasks - 1) / kTasks));
-    block = (block + 15) / 16 * 16;
-    const int64_t blocks = (out + block - 1) / block;
-    const int64_t parts = nrows >= kTasks ? 1 : std::max<int64_t>(1, kTasks / blocks);
+    // Each task sums whole weight rows (long contiguous reads, which the hardware prefetcher streams well) of a
+    // slice of one row's kept channels into its own partial Y; the partials are added up afterwards. A single
+    // token is split kTasks ways so the pool stays busy; a prefill has a task per row already.
+    constexpr int64_t kTasks = 4;
+    const int64_t block = out, blocks = 1;
+    const int64_t parts = std::max<int64_t>(1, kTasks / nrows);
     float* yp = y.GetTensorMutableData<float>();
     if (parts > 1) partial.resize(static_cast<size_t>(nrows * parts * out));
     Job job{&rows, w.GetTensorRawData(), wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, yp,
