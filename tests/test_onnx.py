@@ -175,6 +175,14 @@ def test_topk_float16_and_external_data(family_artifacts, tmp_path):
     assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
     ids = np.array([3, 5, 7, 11], np.int64)
     assert len(OnnxDecoder(out).greedy(ids, 4)) == 4
+    # the speed bench's byte count: gated weights are read as stored (fp16), plain MatMuls' weights as the
+    # float32 ONNX Runtime folds their Cast into
+    from wina_cli.bench.speed import weight_bytes
+
+    wb = weight_bytes(out)
+    cfg = rt.model.config
+    assert wb["lm_head"] == cfg.vocab_size * cfg.hidden_size * 4
+    assert wb["layers.0.q"] == cfg.hidden_size * cfg.hidden_size * 2
     del rt
 
 

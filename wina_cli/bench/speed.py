@@ -158,15 +158,19 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
 
 def weight_bytes(folder: str | Path) -> dict[str, int]:
     """Bytes of the weights a decode step multiplies by, grouped: per projection name `layers.L.P`, `lm_head`,
-    and `basis` (the transform's shortcut and post-norm rotations). Embedding rows are gathered, not read whole."""
+    and `basis` (the transform's shortcut and post-norm rotations). Embedding rows are gathered, not read whole.
+    A float16 weight that feeds a Cast (a plain MatMul's) counts as float32: ONNX Runtime folds the Cast when it
+    loads the model, so that MatMul reads float32; the native kernels read float16 as stored."""
     import onnx
 
     from ..onnx_runtime import ONNX_MODEL
 
     m = onnx.load(str(Path(folder) / ONNX_MODEL), load_external_data=False)
+    cast_inputs = {n.input[0] for n in m.graph.node if n.op_type == "Cast"}
     out: dict[str, int] = {}
     for t in m.graph.initializer:
-        n = int(np.prod(t.dims)) * (2 if t.data_type == onnx.TensorProto.FLOAT16 else 4)
+        half = t.data_type == onnx.TensorProto.FLOAT16 and t.name not in cast_inputs
+        n = int(np.prod(t.dims)) * (2 if half else 4)
         if t.name.endswith(".weight_t") and t.name.startswith("layers."):
             out[t.name[: -len(".weight_t")]] = n
         elif t.name == "lm_head.weight_t":

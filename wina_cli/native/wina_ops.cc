@@ -267,11 +267,16 @@ struct GatedKernel {
   }
 };
 
-template <bool TopK>
-struct GatedOp : Ort::CustomOpBase<GatedOp<TopK>, GatedKernel> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new GatedKernel(info, TopK); }
-  const char* GetName() const { return TopK ? "TopKMatMul" : "GatedMatMul"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+// The op classes differ only in name, kernel and execution provider.
+template <typename Kernel>
+struct GatedOp : Ort::CustomOpBase<GatedOp<Kernel>, Kernel> {
+  const char* name;
+  const char* provider;
+  bool topk;
+  GatedOp(const char* op_name, const char* ep, bool is_topk) : name(op_name), provider(ep), topk(is_topk) {}
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Kernel(info, topk); }
+  const char* GetName() const { return name; }
+  const char* GetExecutionProviderType() const { return provider; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     // W may be float32 or float16; the kernel checks which at run time.
@@ -281,8 +286,8 @@ struct GatedOp : Ort::CustomOpBase<GatedOp<TopK>, GatedKernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-GatedOp<false> g_gated;
-GatedOp<true> g_topk;
+GatedOp<GatedKernel> g_gated("GatedMatMul", "CPUExecutionProvider", false);
+GatedOp<GatedKernel> g_topk("TopKMatMul", "CPUExecutionProvider", true);
 
 #ifdef WINA_WITH_CUDA
 }  // namespace
@@ -294,7 +299,7 @@ namespace {
 // hardware: see wina_ops_cuda.cu.
 struct CudaGatedKernel {
   float threshold;
-  explicit CudaGatedKernel(const OrtKernelInfo* info) {
+  CudaGatedKernel(const OrtKernelInfo* info, bool /*topk: threshold mode only*/) {
     threshold = Ort::ConstKernelInfo(info).GetAttribute<float>("threshold");
   }
   void Compute(OrtKernelContext* context) {
@@ -320,19 +325,7 @@ struct CudaGatedKernel {
   }
 };
 
-struct CudaGatedOp : Ort::CustomOpBase<CudaGatedOp, CudaGatedKernel> {
-  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new CudaGatedKernel(info); }
-  const char* GetName() const { return "GatedMatMul"; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
-CudaGatedOp g_cuda_gated;
+GatedOp<CudaGatedKernel> g_cuda_gated("GatedMatMul", "CUDAExecutionProvider", false);
 #endif
 std::mutex g_domain_mutex;
 std::vector<Ort::CustomOpDomain> g_domains;  // must outlive every session that uses them
