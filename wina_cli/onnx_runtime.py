@@ -119,7 +119,7 @@ class OnnxDecoder:
         self.session, self.info = make_session(path, provider, use_native, strict, threads)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-        shape = self.session.get_inputs()[3].shape
+        shape = next(i.shape for i in self.session.get_inputs() if i.name == self.past_names[0])
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.extra_outputs = list(extra_outputs or [])
         self.output_names = ["logits"] + self.present_names + self.extra_outputs

@@ -2,8 +2,8 @@
 
 Validation runs ONNX Runtime twice, with wina's native kernels and with the graph's standard-op function bodies
 (the path every other execution provider takes), over a prefill and `decode_steps` KV-cache steps, against the
-torch runtime with the same gates and the same weights. Any drift past tolerance, or any greedy token that
-differs, is an error and nothing is left behind.
+torch runtime with the same weights (and, for a sparse graph, the gate decisions ONNX Runtime made, see
+`validate`). Any drift past tolerance, or any greedy token that differs, is an error and nothing is left behind.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import torch
 
 import wina_cli
 from wina_cli import native, probe
+from wina_cli import onnx_ops as ops
 from wina_cli.artifact import MANIFEST, atomic_folder, file_table, read_artifact, sha256_file
 from wina_cli.errors import ConfigError, ValidationError
 from wina_cli.onnx_runtime import ONNX_MANIFEST, ONNX_MODEL, OnnxDecoder
 from wina_cli.runtime import Runtime, load_runtime
 
-from wina_cli import onnx_ops as ops
 from .graph import WEIGHT_DTYPES, DecoderGraph
 
 FORMAT_VERSION = 1

@@ -18,10 +18,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from wina_cli import onnx_ops as ops
 from wina_cli.errors import UnsupportedModelError
 from wina_cli.runtime import Runtime
-
-from wina_cli import onnx_ops as ops
 
 WEIGHT_DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new")
