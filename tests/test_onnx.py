@@ -259,6 +259,10 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     files = json.loads((out / "wina_onnx.json").read_text())["files"]
     assert "model.onnx" in files and "validation_probe.onnx" not in files
 
+    r = run_sub(["inspect", out, "--json"])
+    assert r.returncode == 0, r.stderr
+    assert as_json(r.stdout)["manifest"]["graph"]["gated_ops"] == m["graph"]["gated_ops"]
+
     r = run_sub(["generate", out, "--prompt", "river stone", "-n", "6", "--json"])
     assert r.returncode == 0, r.stderr
     g = as_json(r.stdout)
@@ -315,6 +319,14 @@ def test_bad_onnx_inputs(family_artifacts, tmp_path, capsys):
     assert code == 3
     code, _, err = run_inproc(["bench", art], capsys)
     assert code == 3 and "nothing to benchmark" in err
+    # a tampered ONNX export is caught by inspect's checksum check
+    from exporters.onnx.export import export_onnx
+
+    out = tmp_path / "onnx"
+    export_onnx(str(art), str(out))
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    code, _, err = run_inproc(["inspect", out], capsys)
+    assert code == 8 and "checksum" in err
 
 
 def test_cuda_library_builds_where_nvcc_exists_and_falls_back_to_cpu(family_artifacts, tmp_path):

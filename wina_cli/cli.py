@@ -448,9 +448,13 @@ def inspect(
     json_out: bool = typer.Option(False, "--json"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256."),
 ):
-    """Summarize an artifact: source, recipe, validation and the per-layer gate table."""
+    """Summarize an artifact (source, recipe, validation, the per-layer gate table) or an ONNX export (gates,
+    graph, validation)."""
     from .artifact import read_artifact
+    from .onnx_runtime import ONNX_MANIFEST
 
+    if (artifact / ONNX_MANIFEST).is_file():
+        return _inspect_onnx(artifact, verify, json_out)
     art = read_artifact(artifact, verify=verify)
     m = art.manifest
     if json_out:
@@ -481,6 +485,31 @@ def inspect(
     for row in g.get("layers", []):
         t.add_row(str(row["layer"]), *[f"{row[p]['sparsity']:.2f} ({row[p]['threshold']:.3g})" for p in PROJECTIONS])
     out.print(t)
+    out.print(f"{len(m.get('files', {}))} files, checksums {'verified' if verify else 'not verified'}")
+
+
+def _inspect_onnx(folder: Path, verify: bool, json_out: bool) -> None:
+    from .onnx_runtime import read_onnx_manifest, verify_onnx_files
+
+    m = read_onnx_manifest(folder)
+    if verify:
+        verify_onnx_files(folder, m)
+    if json_out:
+        _emit_json({"path": str(folder), "manifest": m})
+        return
+    g, src = m.get("graph", {}), m.get("source_artifact", {})
+    out.print(f"[bold]{folder}[/bold]  ONNX export, format {m.get('format_version')}, wina "
+              f"{m.get('versions', {}).get('wina')}, onnxruntime {m.get('versions', {}).get('onnxruntime')}")
+    out.print(f"source artifact: {src.get('path')} (transform {src.get('transform')}, manifest sha256 "
+              f"{str(src.get('manifest_sha256'))[:16]}...)")
+    out.print(f"graph: {g.get('model_type')}, {g.get('num_layers')} layers, {g.get('weight_dtype')} weights, opset "
+              f"{g.get('opset')}, IR {g.get('ir_version')}; {g.get('gated_ops')} ai.wina gated ops, "
+              f"{g.get('dense_matmuls')} dense projections")
+    out.print(f"gates: {m.get('gates')}")
+    v = m.get("validation", {})
+    for label, r in v.get("runs", {}).items():
+        out.print(f"validation {label}: max |delta logits| {r['max_abs_delta']:.3g} (limit {v.get('tolerance_rel')} "
+                  f"relative), greedy tokens differing {r['greedy_mismatches']} of {r['greedy_positions']}")
     out.print(f"{len(m.get('files', {}))} files, checksums {'verified' if verify else 'not verified'}")
 
 
