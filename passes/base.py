@@ -56,6 +56,13 @@ class Pass:
         return PassError(f"pass '{self.name}': {what}", why, fix)
 
 
+def _peak_rss_mb() -> float:
+    """The process's resident-memory high-water mark so far (so a pass's row says where the peak was reached)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
 @dataclass
 class PipelineReport:
     passes: list[dict] = field(default_factory=list)
@@ -88,6 +95,6 @@ class Pipeline:
                     "rerun with --debug and report the traceback",
                 ) from e
             report.passes.append({"name": p.name, "changed": result.changed, "seconds": round(time.perf_counter() - t0, 3),
-                                  **({"info": result.info} if result.info else {})})
+                                  "peak_rss_mb": _peak_rss_mb(), **({"info": result.info} if result.info else {})})
             previous = p.name
         return report

@@ -3,7 +3,9 @@
 
 The windows stream through the model one at a time with no gradient, so peak memory is the model plus one
 window's activations plus a fixed-size score sample per projection (a seeded random subsample of the channel
-scores of each window; the quantiles are read off the pooled sample).
+scores of each window; the quantiles are read off the pooled sample). The samples go into buffers allocated once:
+tens of thousands of small per-window tensors let the allocator's arenas grow, and peak memory then varied from
+run to run between 2.9 and 6.2 GB on SmolLM2.
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ class CollectStats(Pass):
         L = fin.shape[0]
         per_window = max(1, SAMPLE_PER_PROJECTION // n_win)
         gen = torch.Generator().manual_seed(state.recipe.seed)
-        samples = {c: [[[] for _ in PROJECTIONS] for _ in range(L)] for c in CRITERIA}
+        P = len(PROJECTIONS)
+        samples = {c: torch.empty(L, P, per_window * n_win) for c in CRITERIA}
+        filled = torch.zeros(L, P, dtype=torch.int64)
 
         handles = []
         for l, layer in enumerate(a.layers()):
@@ -51,8 +55,10 @@ class CollectStats(Pass):
                     ax = x.reshape(-1)[flat].abs().float()
                     chan = flat % n_in
                     for p in pidx:
-                        samples["teal"][l][p].append(ax)
-                        samples["wina"][l][p].append(ax * col[l, p, chan])
+                        start = int(filled[l, p])
+                        samples["teal"][l, p, start:start + per_window] = ax
+                        samples["wina"][l, p, start:start + per_window] = ax * col[l, p, chan]
+                        filled[l, p] = start + per_window
                 handles.append(a.module(layer, path).register_forward_pre_hook(hook))
         try:
             for i in range(n_win):
@@ -63,10 +69,10 @@ class CollectStats(Pass):
                 h.remove()
         quantiles = {}
         for c in CRITERIA:
-            q = torch.zeros(L, len(PROJECTIONS), 1000)
+            q = torch.zeros(L, P, 1000)
             for l in range(L):
-                for p in range(len(PROJECTIONS)):
-                    q[l, p] = quantile_table(torch.cat(samples[c][l][p]))
+                for p in range(P):
+                    q[l, p] = quantile_table(samples[c][l, p, : int(filled[l, p])])
             quantiles[c] = q
         state.stats = CalibrationStats(quantiles, col, fin, fout, tokens=int(ids.numel()))
         return PassResult(True, {"tokens": int(ids.numel()), "samples_per_projection": per_window * n_win})

@@ -66,7 +66,10 @@ def test_runtime_at_sparsity_zero_reproduces_the_source_model(artifact, tiny_lla
 
 def test_same_inputs_give_the_same_bytes(artifact, tmp_path, tiny_llama_dir, calib_text, capsys):
     again = tmp_path / "b"
-    calibrate(capsys, tiny_llama_dir, calib_text, again)
+    result = calibrate(capsys, tiny_llama_dir, calib_text, again)
+    # each pass reports the memory high-water mark so far (it never goes down); none of it enters the artifact
+    peaks = [p["peak_rss_mb"] for p in result["passes"]]
+    assert len(peaks) == len(result["passes"]) and all(b >= a > 0 for a, b in zip(peaks, peaks[1:]))
     files = sorted(p.name for p in artifact.iterdir())
     assert files == sorted(p.name for p in again.iterdir())
     match, mismatch, errors = filecmp.cmpfiles(artifact, again, files, shallow=False)

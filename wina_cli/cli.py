@@ -110,7 +110,7 @@ def calibrate(
     manifest = {
         "source": state.source,
         "recipe": saved,
-        "pipeline": [{k: v for k, v in p.items() if k != "seconds"} for p in report.passes],
+        "pipeline": [{k: v for k, v in p.items() if k not in ("seconds", "peak_rss_mb")} for p in report.passes],
         "calibration": state.calib_provenance,
         "transform": state.transform,
         "validation": dict(state.validation),
@@ -131,8 +131,9 @@ def calibrate(
         return
     t = Table(title=f"wina calibrate -> {recipe.output}")
     t.add_column("pass"); t.add_column("changed"); t.add_column("seconds", justify="right")
+    t.add_column("peak RSS MB so far", justify="right")
     for p in report.passes:
-        t.add_row(p["name"], "yes" if p["changed"] else "no", f"{p['seconds']:.1f}")
+        t.add_row(p["name"], "yes" if p["changed"] else "no", f"{p['seconds']:.1f}", f"{p['peak_rss_mb']:.0f}")
     out.print(t)
     if "transform" in state.validation:
         v = state.validation["transform"]
