@@ -79,6 +79,7 @@ class Pipeline:
     def run(self, state: PipelineState) -> PipelineReport:
         report = PipelineReport()
         previous = "start"
+        peak = 0.0  # a running maximum: the kernel's own high-water mark can be reset by other code in-process
         for p in self.passes:
             t0 = time.perf_counter()
             try:
@@ -94,7 +95,8 @@ class Pipeline:
                     "this is unexpected and most likely a bug in wina",
                     "rerun with --debug and report the traceback",
                 ) from e
+            peak = max(peak, _peak_rss_mb())
             report.passes.append({"name": p.name, "changed": result.changed, "seconds": round(time.perf_counter() - t0, 3),
-                                  "peak_rss_mb": _peak_rss_mb(), **({"info": result.info} if result.info else {})})
+                                  "peak_rss_mb": peak, **({"info": result.info} if result.info else {})})
             previous = p.name
         return report

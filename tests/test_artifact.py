@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
 
 import pytest
@@ -67,9 +68,10 @@ def test_runtime_at_sparsity_zero_reproduces_the_source_model(artifact, tiny_lla
 def test_same_inputs_give_the_same_bytes(artifact, tmp_path, tiny_llama_dir, calib_text, capsys):
     again = tmp_path / "b"
     result = calibrate(capsys, tiny_llama_dir, calib_text, again)
-    # each pass reports the memory high-water mark so far (it never goes down); none of it enters the artifact
-    peaks = [p["peak_rss_mb"] for p in result["passes"]]
-    assert len(peaks) == len(result["passes"]) and all(b >= a > 0 for a, b in zip(peaks, peaks[1:]))
+    # each pass reports the memory high-water mark so far; like the timings, it stays out of the artifact
+    assert all(p["peak_rss_mb"] > 0 for p in result["passes"])
+    manifest = json.loads((again / "wina.json").read_text())
+    assert all("peak_rss_mb" not in p and "seconds" not in p for p in manifest["pipeline"])
     files = sorted(p.name for p in artifact.iterdir())
     assert files == sorted(p.name for p in again.iterdir())
     match, mismatch, errors = filecmp.cmpfiles(artifact, again, files, shallow=False)
