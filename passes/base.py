@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from wina_cli.errors import PassError, WinaError
+from wina_cli.memory import peak_rss_mb
 
 
 @dataclass
@@ -56,13 +57,6 @@ class Pass:
         return PassError(f"pass '{self.name}': {what}", why, fix)
 
 
-def _peak_rss_mb() -> float:
-    """The process's resident-memory high-water mark so far (so a pass's row says where the peak was reached)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
-
-
 @dataclass
 class PipelineReport:
     passes: list[dict] = field(default_factory=list)
@@ -95,7 +89,7 @@ class Pipeline:
                     "this is unexpected and most likely a bug in wina",
                     "rerun with --debug and report the traceback",
                 ) from e
-            peak = max(peak, _peak_rss_mb())
+            peak = max(peak, peak_rss_mb())
             report.passes.append({"name": p.name, "changed": result.changed, "seconds": round(time.perf_counter() - t0, 3),
                                   "peak_rss_mb": peak, **({"info": result.info} if result.info else {})})
             previous = p.name

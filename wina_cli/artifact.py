@@ -138,13 +138,17 @@ def read_artifact(path: str | os.PathLike, verify: bool = True, partial: bool = 
                             f"this wina reads format version {FORMAT_VERSION}",
                             "rebuild the artifact with this version of wina")
     if verify:
-        for name, entry in manifest.get("files", {}).items():
-            f = p / name
-            if not f.is_file():
-                raise ArtifactError(f"artifact '{p}' lacks '{name}' listed in its manifest",
-                                    "the folder was changed after it was written", "rebuild it")
-            if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
-                raise ArtifactError(f"'{name}' in artifact '{p}' does not match its checksum",
-                                    "the file was modified or truncated after the artifact was written",
-                                    "rebuild the artifact, or restore the file")
+        verify_files(p, manifest, "artifact", "rebuild the artifact, or restore the file")
     return Artifact(p, manifest, config)
+
+
+def verify_files(folder: Path, manifest: dict, what: str, fix: str) -> None:
+    """Check every file a manifest lists (`files`: name -> sha256 and size) against the folder's contents."""
+    for name, entry in manifest.get("files", {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise ArtifactError(f"{what} '{folder}' lacks '{name}' listed in its manifest",
+                                "the folder was changed after it was written", fix)
+        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+            raise ArtifactError(f"'{name}' in {what} '{folder}' does not match its checksum",
+                                "the file was modified or truncated after it was written", fix)

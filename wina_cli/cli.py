@@ -122,7 +122,9 @@ def calibrate(
                                 recipe_yaml=recipe_yaml, reference_gateset=state.gateset, seed=recipe.seed,
                                 log=progress)
     seconds = time.perf_counter() - t0
-    peak = _peak_rss_mb()
+    from .memory import peak_rss_mb
+
+    peak = peak_rss_mb()
     result = {"output": recipe.output, "seconds": round(seconds, 1), "peak_rss_mb": peak,
               "passes": report.passes, "validation": {**state.validation, "export": validation},
               "gates": state.gates.describe()}
@@ -142,12 +144,6 @@ def calibrate(
     out.print(f"export check: dense max |delta| = {validation['dense']['max_abs_delta']:.3g}, "
               f"sparse max |delta| = {validation['sparse']['max_abs_delta']:.3g}")
     out.print(f"done in {seconds:.1f} s, peak memory {peak:.0f} MB")
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,7 +199,6 @@ def export(
             out.print(f"{label} ({how}): max |delta logits| = {r['max_abs_delta']:.3g} ({r['max_rel_delta']:.2g} "
                       f"relative, limit {v['tolerance_rel']}), greedy tokens differing: {r['greedy_mismatches']} of "
                       f"{r['greedy_positions']} (prefill + {v['decode_steps']} decode steps)")
-
             if "free_running" in r:
                 f = r["free_running"]
                 out.print(f"  free running, for information: max |delta logits| = {f['max_abs_delta']:.3g}; greedy "

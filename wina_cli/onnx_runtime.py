@@ -180,15 +180,10 @@ def read_onnx_manifest(folder: str | Path) -> dict:
 
 def verify_onnx_files(folder: str | Path, manifest: dict) -> None:
     """Check every file the manifest lists against its size and sha256."""
-    from .artifact import sha256_file
+    from .artifact import verify_files
 
-    folder = Path(folder)
-    for name, entry in manifest.get("files", {}).items():
-        f = folder / name
-        if not f.is_file() or f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
-            raise ArtifactError(f"'{name}' in ONNX export '{folder}' is missing or does not match its checksum",
-                                "the folder was changed after it was exported",
-                                "export it again with `wina export ARTIFACT --format onnx`")
+    verify_files(Path(folder), manifest, "ONNX export",
+                 "export it again with `wina export ARTIFACT --format onnx`")
 
 
 def warn(notes: list[str]) -> None:

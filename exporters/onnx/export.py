@@ -8,7 +8,6 @@ torch runtime with the same weights (and, for a sparse graph, the gate decisions
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import numpy as np
 import onnx
 import torch
 
-import wina_cli
 from wina_cli import native, probe
 from wina_cli import onnx_ops as ops
 from wina_cli.artifact import MANIFEST, atomic_folder, file_table, read_artifact, sha256_file
@@ -35,10 +33,10 @@ TOLERANCE = 5e-4
 
 def versions() -> dict:
     import onnxruntime
-    import transformers
 
-    return {"wina": wina_cli.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    from exporters.safetensors import versions as artifact_versions
+
+    return {**artifact_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def _round_weights(rt: Runtime, weight_dtype: str) -> None:
@@ -131,10 +129,11 @@ def validate(model_path: Path, rt: Runtime, gated: list[tuple[int, str, str]], s
     result = {"reference": "torch runtime", "prompt_tokens": prompt_len, "decode_steps": decode_steps,
               "batch": batch, "tolerance_rel": tol, "gated_ops": len(gated), "runs": {}}
     probe_path = model_path
+    probe_inputs = list(dict.fromkeys(x for _, _, x in gated))  # q, k and v read one input: list it once
     if gated:
         # a copy of the graph that also outputs every gated op's input (same folder: shares external data)
         m = onnx.load(str(model_path), load_external_data=False)
-        for name in dict.fromkeys(x for _, _, x in gated):
+        for name in probe_inputs:
             m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         probe_path = model_path.parent / "validation_probe.onnx"
         onnx.save_model(m, str(probe_path))
@@ -147,8 +146,7 @@ def validate(model_path: Path, rt: Runtime, gated: list[tuple[int, str, str]], s
         for label, use_native in variants:
             log(f"validating with ONNX Runtime ({label.replace('_', ' ')}) over a prefill and {decode_steps} "
                 "decode steps")
-            dec = OnnxDecoder(probe_path, "cpu", use_native=use_native,
-                              extra_outputs=list(dict.fromkeys(x for _, _, x in gated)))
+            dec = OnnxDecoder(probe_path, "cpu", use_native=use_native, extra_outputs=probe_inputs)
             if use_native and dec.info.native_library is None:
                 raise ValidationError("the native kernel library is present but ONNX Runtime did not load it",
                                       "; ".join(dec.info.notes) or "unknown reason",

@@ -13,27 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import onnx_ops
+from ..memory import peak_rss_mb, reset_peak_rss
 from ..onnx_runtime import OnnxDecoder
 
 KERNEL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # Llama-3-8B: q/o, gate/up, down ([in, out])
 KERNEL_SPARSITIES = (0.0, 0.25, 0.5, 0.65, 0.8, 0.9)
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 @dataclass
@@ -43,7 +27,7 @@ class DecodeResult:
     tokens_per_s: float
     steps: int
     prefill_ms: float
-    peak_rss_mb: float | None
+    peak_rss_mb: float
     native_library: str | None
     tokens: list[int]
 
@@ -52,7 +36,7 @@ def time_decode(folder: str | Path, prompt_ids: np.ndarray, steps: int, warmup: 
                 use_native: bool = True, threads: int | None = None) -> DecodeResult:
     """Greedy batch-1 decode: `warmup` steps untimed, then `steps` timed steps, one token each."""
     gc.collect()
-    _reset_peak_rss()
+    reset_peak_rss()
     dec = OnnxDecoder(folder, "cpu", use_native=use_native, threads=threads)
     t0 = time.perf_counter()
     logits, cache, mask = dec.prefill(prompt_ids[None, :])
@@ -69,7 +53,7 @@ def time_decode(folder: str | Path, prompt_ids: np.ndarray, steps: int, warmup: 
         if i >= warmup:
             times.append(dt)
     med = statistics.median(times)
-    res = DecodeResult(label, med * 1e3, 1.0 / med, steps, prefill_ms, _peak_rss_mb(), dec.info.native_library,
+    res = DecodeResult(label, med * 1e3, 1.0 / med, steps, prefill_ms, peak_rss_mb(), dec.info.native_library,
                        tokens)
     del dec, cache
     gc.collect()

@@ -196,6 +196,38 @@ void run_task(void* data, size_t t) {
     accumulate_f32(y, static_cast<const float*>(job.w), job.out, kept, a0, a1, j0, j1);
 }
 
+// The inputs and output of a gated matmul, checked: X[..., in] float, W[in, out] float32 or float16, scale[in];
+// Y[..., out] is allocated here. Shared by the CPU and CUDA kernels.
+struct GatedArgs {
+  const float* x;
+  const void* w;
+  bool f16;
+  const float* scale;
+  float* y;
+  int64_t rows, in, out;
+};
+
+GatedArgs read_args(Ort::KernelContext& ctx) {
+  auto x = ctx.GetInput(0);
+  auto w = ctx.GetInput(1);
+  auto scale = ctx.GetInput(2);
+  const auto xshape = x.GetTensorTypeAndShapeInfo().GetShape();
+  const auto winfo = w.GetTensorTypeAndShapeInfo();
+  const auto wshape = winfo.GetShape();
+  const auto wtype = winfo.GetElementType();
+  if (wshape.size() != 2 || xshape.empty() || xshape.back() != wshape[0])
+    ORT_CXX_API_THROW("ai.wina gated matmul: X[..., in] and W[in, out] do not match", ORT_INVALID_ARGUMENT);
+  if (wtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && wtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+    ORT_CXX_API_THROW("ai.wina gated matmul: W must be float32 or float16", ORT_INVALID_ARGUMENT);
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < xshape.size(); ++d) rows *= xshape[d];
+  std::vector<int64_t> yshape(xshape.begin(), xshape.end());
+  yshape.back() = wshape[1];
+  auto y = ctx.GetOutput(0, yshape);
+  return {x.GetTensorData<float>(), w.GetTensorRawData(), wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+          scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, wshape[0], wshape[1]};
+}
+
 struct GatedKernel {
   bool topk;
   float threshold = 0.0f;
@@ -214,25 +246,11 @@ struct GatedKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto x = ctx.GetInput(0);
-    auto w = ctx.GetInput(1);
-    auto scale = ctx.GetInput(2);
-    const auto xshape = x.GetTensorTypeAndShapeInfo().GetShape();
-    const auto wshape = w.GetTensorTypeAndShapeInfo().GetShape();
-    const auto wtype = w.GetTensorTypeAndShapeInfo().GetElementType();
-    if (wshape.size() != 2 || xshape.empty() || xshape.back() != wshape[0])
-      ORT_CXX_API_THROW("ai.wina gated matmul: X[..., in] and W[in, out] do not match", ORT_INVALID_ARGUMENT);
-    if (wtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && wtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
-      ORT_CXX_API_THROW("ai.wina gated matmul: W must be float32 or float16", ORT_INVALID_ARGUMENT);
-    const int64_t in = wshape[0], out = wshape[1];
-    int64_t nrows = 1;
-    for (size_t d = 0; d + 1 < xshape.size(); ++d) nrows *= xshape[d];
-    std::vector<int64_t> yshape(xshape.begin(), xshape.end());
-    yshape.back() = out;
-    auto y = ctx.GetOutput(0, yshape);
+    const GatedArgs args = read_args(ctx);
+    const int64_t in = args.in, out = args.out, nrows = args.rows;
     if (nrows == 0 || out == 0) return;
-    const float* xp = x.GetTensorData<float>();
-    const float* sp = scale.GetTensorData<float>();
+    const float* xp = args.x;
+    const float* sp = args.scale;
     rows.resize(nrows);
     for (int64_t r = 0; r < nrows; ++r) {
       if (topk)
@@ -246,9 +264,9 @@ struct GatedKernel {
     constexpr int64_t kTasks = 4;
     const int64_t block = out, blocks = 1;
     const int64_t parts = std::max<int64_t>(1, kTasks / nrows);
-    float* yp = y.GetTensorMutableData<float>();
+    float* yp = args.y;
     if (parts > 1) partial.resize(static_cast<size_t>(nrows * parts * out));
-    Job job{&rows, w.GetTensorRawData(), wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, yp,
+    Job job{&rows, args.w, args.f16, yp,
             parts > 1 ? partial.data() : nullptr, out, block, blocks, parts};
     const size_t total = static_cast<size_t>(nrows * blocks * parts);
     if (total == 1)
@@ -304,23 +322,9 @@ struct CudaGatedKernel {
   }
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto x = ctx.GetInput(0);
-    auto w = ctx.GetInput(1);
-    auto scale = ctx.GetInput(2);
-    const auto xshape = x.GetTensorTypeAndShapeInfo().GetShape();
-    const auto wshape = w.GetTensorTypeAndShapeInfo().GetShape();
-    const auto wtype = w.GetTensorTypeAndShapeInfo().GetElementType();
-    if (wshape.size() != 2 || xshape.empty() || xshape.back() != wshape[0])
-      ORT_CXX_API_THROW("ai.wina gated matmul: X[..., in] and W[in, out] do not match", ORT_INVALID_ARGUMENT);
-    int64_t rows = 1;
-    for (size_t d = 0; d + 1 < xshape.size(); ++d) rows *= xshape[d];
-    std::vector<int64_t> yshape(xshape.begin(), xshape.end());
-    yshape.back() = wshape[1];
-    auto y = ctx.GetOutput(0, yshape);
-    const int err = wina_cuda_gated_matmul(x.GetTensorData<float>(), w.GetTensorRawData(),
-                                           wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-                                           scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows,
-                                           wshape[0], wshape[1], threshold, ctx.GetGPUComputeStream());
+    const GatedArgs a = read_args(ctx);
+    const int err = wina_cuda_gated_matmul(a.x, a.w, a.f16, a.scale, a.y, a.rows, a.in, a.out, threshold,
+                                           ctx.GetGPUComputeStream());
     if (err != 0) ORT_CXX_API_THROW("ai.wina gated matmul: CUDA launch failed", ORT_RUNTIME_EXCEPTION);
   }
 };
