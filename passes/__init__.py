@@ -1,20 +1,79 @@
 """Pipeline passes. `build_pipeline` composes them from a recipe, in the one order that makes sense:
-load -> [fold_norms -> rotate] -> tokenize -> collect_stats -> allocate -> set_gates."""
+load -> tokenize -> [fold_norms -> rotate] -> collect_stats -> allocate -> [select] -> [ppl_budget] -> set_gates.
+Tokenizing comes first because the data-driven transforms (pca) read the calibration text. `run_calibration` runs
+the pipeline once, or, for --method auto, once per candidate transform up to `select` and finishes the best."""
 from __future__ import annotations
 
+import copy
 
-def build_pipeline(recipe):
+
+def build_pipeline(recipe, transform: str | None = None, head_only: bool = False):
+    """The passes for a recipe. `transform` overrides the recipe's; `head_only` stops after select (auto)."""
     from .allocate import Allocate
     from .base import Pipeline
+    from .budget import PerplexityBudget
     from .fold_norms import FoldNorms
     from .load import LoadCheckpoint
     from .rotate import RotateWina
+    from .select import SelectMethod
     from .set_gates import SetGates
     from .stats import CollectStats
     from .tokenize import TokenizeCalibration
 
-    passes = [LoadCheckpoint()]
-    if recipe.transform == "wina":
-        passes += [FoldNorms(), RotateWina()]
-    passes += [TokenizeCalibration(), CollectStats(), Allocate(), SetGates()]
+    transform = transform or recipe.transform
+    passes = [LoadCheckpoint(), TokenizeCalibration()]
+    if transform != "none":
+        passes += [FoldNorms(), RotateWina(transform)]
+    passes += [CollectStats(), Allocate()]
+    if recipe.method == "auto":
+        passes.append(SelectMethod())
+    if head_only:
+        return Pipeline(passes)
+    if recipe.sparsity.max_ppl_increase > 0:
+        passes.append(PerplexityBudget())
+    passes.append(SetGates())
     return Pipeline(passes)
+
+
+def tail_pipeline(recipe):
+    from .base import Pipeline
+    from .budget import PerplexityBudget
+    from .set_gates import SetGates
+
+    return Pipeline(([PerplexityBudget()] if recipe.sparsity.max_ppl_increase > 0 else []) + [SetGates()])
+
+
+def run_calibration(recipe, progress=lambda m: None):
+    """Run the recipe's pipeline; returns (state, report). With method auto, each transform in auto.transforms
+    is calibrated in turn (a fresh load each: transforms change the weights), the one whose best candidate has
+    the lowest held-apart perplexity is kept, and the others are dropped before the next starts."""
+    from wina_cli.config import auto_transforms
+
+    from .base import PipelineReport, PipelineState
+
+    if recipe.method != "auto":
+        state = PipelineState(recipe=recipe, progress=progress)
+        return state, build_pipeline(recipe).run(state)
+    best = None
+    tried = []
+    for t in auto_transforms(recipe):
+        r = copy.deepcopy(recipe)
+        r.transform = t
+        state = PipelineState(recipe=r, progress=lambda m, t=t: progress(f"[auto: {t}] {m}"))
+        report = build_pipeline(r, head_only=True).run(state)
+        sel = state.validation["select"]
+        tried += sel["candidates"]
+        if best is None or sel["best"]["ppl"] < best[0].validation["select"]["best"]["ppl"]:
+            best = (state, report)
+        del state
+    state, report = best
+    chosen = state.validation["select"]["best"]
+    state.validation["auto"] = {
+        "candidates": tried, "chosen": chosen, "dense_ppl": state.validation["select"]["dense_ppl"],
+        "reason": f"lowest perplexity on {state.validation['select']['tokens']} held-apart calibration tokens at "
+                  f"target {recipe.sparsity.target} ({recipe.sparsity.mode} mode) among {len(tried)} candidates: "
+                  f"{chosen['transform']} / {chosen['criterion']} / {chosen['allocation']} "
+                  f"({chosen['ppl_increase'] * 100:+.1f}% over dense)"}
+    state.progress = progress
+    report.passes += tail_pipeline(recipe).run(state).passes
+    return state, PipelineReport(report.passes)

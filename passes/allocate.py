@@ -1,10 +1,15 @@
-"""Sparsity allocation: how a block's target is split among its seven projections.
+"""Sparsity allocation: how a target is split among layers and among each block's seven projections.
 
 `uniform` needs nothing stored. `greedy` (TEAL's block-wise greedy, with WINA's or TEAL's score) starts every
 projection of a block at 0 and repeatedly raises by one step the projection whose step raises the block's output
 error least, until the block skips 90% of its weights. A step removes the same number of weights whatever the
 projection (step * mean size / size). The error is ||y - y_dense||^2 / ||y_dense||^2 of the block output, residual
 included, on a few calibration windows. The whole path is stored, so every target in [0, 0.9] is a lookup.
+
+`global` (wina's cross-layer allocation) first splits a model-wide target among layers: each layer is gated alone
+at a few block sparsities (its greedy split) and the error it leaves in the model's final hidden state is measured,
+which counts what later layers do with it; a greedy search over layers then takes the cheapest error per weight
+skipped. Both criteria's layer paths are stored, so every model-wide target is a lookup too.
 
 Candidates are re-measured lazily: a step rarely makes another projection's next step cheaper, so the cheapest
 stale candidate is re-measured first and taken when it is still the cheapest (usually 1-2 measurements a step
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from wina_cli.gating import MAX_TARGET, Allocation, GateSet, block_sparsity
+from wina_cli.gating import (MAX_TARGET, SENSITIVITY_LEVELS, Allocation, GateSet, block_sparsity, layer_search,
+                             lookup_path)
 from wina_cli.models.adapters import PROJECTIONS
 from wina_cli.sparse import CRITERIA, Gate
 
@@ -51,11 +57,7 @@ def greedy_path(layer, l: int, x: torch.Tensor, kw: dict, gates: GateSet, stats,
     s = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
 
     def set_layer(svec):
-        gates.set_layer(l, {
-            name: None if svec[p] <= 0 else Gate(
-                criterion, "threshold", stats.threshold(criterion, l, p, float(svec[p])), 0,
-                stats.col_norm(l, p) if criterion == "wina" else None)
-            for p, name in enumerate(PROJECTIONS)})
+        gates.set_layer(l, _layer_gates(stats, criterion, l, svec))
 
     def measure(svec) -> float:
         set_layer(svec)
@@ -88,6 +90,37 @@ def greedy_path(layer, l: int, x: torch.Tensor, kw: dict, gates: GateSet, stats,
     return torch.tensor(path, dtype=torch.float32)
 
 
+def _layer_gates(stats, criterion: str, l: int, svec: torch.Tensor) -> dict:
+    return {name: None if svec[p] <= 0 else Gate(
+        criterion, "threshold", stats.threshold(criterion, l, p, float(svec[p])), 0,
+        stats.col_norm(l, p) if criterion == "wina" else None) for p, name in enumerate(PROJECTIONS)}
+
+
+@torch.no_grad()
+def layer_sensitivity(adapter, inputs, gates: GateSet, stats, criterion: str, paths: list[torch.Tensor],
+                      progress=lambda m: None) -> torch.Tensor:
+    """[L, 1 + levels]: relative error of the final normalized hidden state when only layer l is gated at each
+    level of SENSITIVITY_LEVELS (its greedy split); column 0 is 0 (dense). Runs from layer l's captured input."""
+    layers = adapter.layers()
+    norm = adapter.final_norm()
+
+    def run_from(l: int) -> torch.Tensor:
+        h = inputs[l][0]
+        for j in range(l, len(layers)):
+            h = layers[j](h, **inputs[j][1])
+        return norm(h)
+
+    ref = run_from(0)
+    out = torch.zeros(len(layers), 1 + len(SENSITIVITY_LEVELS))
+    for l in range(len(layers)):
+        progress(f"({l + 1}/{len(layers)}) layer sensitivity [{criterion}]")
+        for i, level in enumerate(SENSITIVITY_LEVELS):
+            gates.set_layer(l, _layer_gates(stats, criterion, l, lookup_path(paths[l], level)))
+            out[l, 1 + i] = _rel_err(run_from(l), ref)
+        gates.set_layer(l, {name: None for name in PROJECTIONS})
+    return out
+
+
 class Allocate(Pass):
     name = "allocate"
 
@@ -114,6 +147,9 @@ class Allocate(Pass):
                 paths.append(greedy_path(layer, l, x, kw, state.gateset, state.stats, c, sizes[l],
                                          r.allocation.step))
             alloc.greedy[c] = paths
+            sens = layer_sensitivity(a, inputs, state.gateset, state.stats, c, paths, state.progress)
+            alloc.sensitivity[c] = sens
+            alloc.layer_path[c] = layer_search(sens, sizes.sum(dim=1))
         state.allocation = alloc
         return PassResult(True, {"criteria": sorted(alloc.greedy)})
 
@@ -126,3 +162,10 @@ class Allocate(Pass):
                 if (path[1:, 0] < path[:-1, 0]).any():
                     raise self.fail(f"the greedy path of layer {l} ({c}) is not monotone", "this is a bug",
                                     "report it")
+        for c, path in state.allocation.layer_path.items():
+            if float(path[-1, 0]) < MAX_TARGET - 1e-6 or (path[1:, 0] < path[:-1, 0]).any():
+                raise self.fail(f"the layer path ({c}) does not rise monotonically to {MAX_TARGET}", "this is a bug",
+                                "report it")
+            if not torch.isfinite(state.allocation.sensitivity[c]).all():
+                raise self.fail(f"the layer sensitivities ({c}) are not finite",
+                                "a gated layer produced inf/nan downstream", "check the model in fp32")

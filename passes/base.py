@@ -33,12 +33,21 @@ class PipelineState:
     transform: str = "none"  # rotate
     calib_ids: Any = None  # tokenize: LongTensor [num_samples, seq_len]
     calib_provenance: dict = field(default_factory=dict)  # tokenize
+    holdout_ids: Any = None  # tokenize: windows held apart from statistics and allocation (budget, auto)
     stats: Any = None  # collect_stats: wina_cli.calibration.CalibrationStats
     gateset: Any = None  # allocate: wina_cli.gating.GateSet, the model's gated projections
     allocation: Any = None  # allocate: wina_cli.gating.Allocation
+    choice: dict = field(default_factory=dict)  # select: criterion and allocation picked (else the recipe's)
+    target: Any = None  # ppl_budget: the model-wide target found within the budget (else the recipe's)
     gates: Any = None  # set_gates: wina_cli.gating.GatePlan
     validation: dict = field(default_factory=dict)  # any pass's measured checks
     progress: Callable[[str], None] = lambda msg: None
+
+
+def gate_setting(state: PipelineState) -> tuple[str, str, str]:
+    """(criterion, mode, allocation) in force: the recipe's, unless --method auto chose."""
+    sp = state.recipe.sparsity
+    return state.choice.get("criterion", sp.criterion), sp.mode, state.choice.get("allocation", sp.allocation)
 
 
 class Pass:

@@ -5,7 +5,7 @@ import torch
 
 from wina_cli.gating import GateSet, plan_gates
 
-from .base import Pass, PassResult, PipelineState
+from .base import Pass, PassResult, PipelineState, gate_setting
 
 
 class SetGates(Pass):
@@ -17,7 +17,9 @@ class SetGates(Pass):
 
     def call(self, state: PipelineState) -> PassResult:
         sp = state.recipe.sparsity
-        state.gates = plan_gates(state.stats, state.allocation, sp.criterion, sp.mode, sp.allocation, sp.target)
+        target = sp.target if state.target is None else state.target
+        criterion, mode, allocation = gate_setting(state)
+        state.gates = plan_gates(state.stats, state.allocation, criterion, mode, allocation, target)
         state.gateset = state.gateset or GateSet(state.adapter)
         state.gateset.apply(state.gates, state.stats.col_norms, state.stats.in_features)
         return PassResult(True, state.gates.describe())

@@ -152,6 +152,12 @@ def run_pipeline(model_type: str, transform: str = "wina", calib_ids=None, seed:
     # Replace the text tokenizer pass with fixed windows: these tests are about the model passes.
     pipe.passes = [p for p in pipe.passes if p.name != "tokenize"]
     state.calib_ids = calib_ids
+    from wina_cli.config import needs_holdout
+
+    if needs_holdout(r):
+        g = torch.Generator().manual_seed(6)
+        state.holdout_ids = torch.randint(0, model.config.vocab_size, (r.holdout.num_samples, r.data.seq_len),
+                                          generator=g)
     state.calib_provenance = {"tokens": int(calib_ids.numel()), "seed": seed}
     pipe.run(state)
     return state

@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, run_pipeline, tiny_model
+from conftest import FAMILIES, make_recipe, run_pipeline, tiny_model, tiny_tokenizer
+from passes.base import Pipeline, PipelineState
+from passes.fold_norms import FoldNorms
+from passes.load import LoadCheckpoint
+from passes.rotate import PCA_WINDOWS, VARIANTS, RotateWina, slot_covariances
 from wina_cli import probe
 from wina_cli.blocks import install_block_forward
 from wina_cli.errors import UnsupportedModelError
@@ -47,6 +51,38 @@ class AdapterContract:
         cmp = probe.compare(ref, got)
         assert cmp["max_rel_delta"] < 1e-5, cmp
         assert state.validation["transform"]["max_rel_delta"] < 1e-5
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_every_transform_variant_is_exact(self, variant):
+        ids = probe.probe_ids(300, 11)
+        ref = probe.logits(tiny_model(self.model_type, seed=0), ids)
+        state = PipelineState(recipe=make_recipe(), model=tiny_model(self.model_type, seed=0),
+                              tokenizer=tiny_tokenizer())
+        state.calib_ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+        report = Pipeline([LoadCheckpoint(), FoldNorms(), RotateWina(variant)]).run(state)
+        cmp = probe.compare(ref, probe.logits(state.model, ids))
+        assert cmp["max_rel_delta"] < 1e-5, cmp
+        a = state.adapter
+        buffers = [n for layer in a.layers() for n, _ in layer.named_buffers(recurse=False) if n.startswith("wina_")]
+        info = report.passes[-1]["info"]
+        d = a.config.hidden_size
+        assert info["extra_parameters"] == len(buffers) * d * d
+        shortcuts = [n for n in buffers if "shortcut" in n]
+        if variant == "pca-global":
+            assert shortcuts == []  # one basis everywhere: nothing to carry the residual across
+        else:
+            assert len(shortcuts) == 2 * len(a.layers()) - (0 if variant == "wina" else 1)
+        if variant == "stacked":
+            for layer in a.layers():
+                w = torch.cat([a.proj_weight(layer, n) for n in ("q", "k", "v")]).double()
+                gram = w.T @ w
+                assert (gram - torch.diag(torch.diag(gram))).abs().max() < 1e-4 * gram.abs().max()
+        if variant == "pca":
+            # The rotated slot inputs are decorrelated on the windows the bases were read on.
+            cov = slot_covariances(a, state.calib_ids[:PCA_WINDOWS])[0]
+            off = cov - torch.diag(torch.diag(cov))
+            assert off.abs().max() < 1e-6 * cov.abs().max()
+            assert (torch.diag(cov)[1:] <= torch.diag(cov)[:-1] + 1e-9).all()
 
     def test_transform_makes_key_columns_orthogonal(self):
         state = run_pipeline(self.model_type, "wina")

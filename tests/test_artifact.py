@@ -42,7 +42,7 @@ def test_manifest_records_provenance_and_checks(artifact):
     assert set(m["versions"]) >= {"wina", "torch", "transformers"}
     assert m["source"]["sha256"] and m["source"]["model_type"] == "llama"
     assert m["calibration"]["tokens"] == 6 * 64 and m["calibration"]["text_sha256"]
-    assert [p["name"] for p in m["pipeline"]] == ["load", "fold_norms", "rotate", "tokenize", "collect_stats",
+    assert [p["name"] for p in m["pipeline"]] == ["load", "tokenize", "fold_norms", "rotate", "collect_stats",
                                                    "allocate", "set_gates"]
     assert m["validation"]["transform"]["max_rel_delta"] < 1e-3
     assert m["validation"]["export"]["dense"]["max_abs_delta"] <= 1e-5

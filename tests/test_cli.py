@@ -73,6 +73,77 @@ def test_inspect_bench_generate_env(built, eval_text):
     assert p.returncode == 0 and "CPUExecutionProvider" in as_json(p.stdout)["onnxruntime_providers"]
 
 
+def test_bench_budgets_policies_and_global_allocation(built, eval_text):
+    out, _ = built
+    p = run_sub(["bench", out, "--data", eval_text, "--sparsity", "0.5", "--configs", "teal/uniform,wina/global",
+                 "--ppl-budget", "1%,5%", "--policies", "all,prompt:16,first:8", "--mode", "topk",
+                 "--num-samples", "2", "--seq-len", "64", "--json"])
+    assert p.returncode == 0, p.stderr
+    b = as_json(p.stdout)
+    runs = {(r["criterion"], r["allocation"], r["policy"]): r for r in b["runs"]}
+    assert set(runs) == {(c, a, pol) for c, a in (("dense", "-"), ("teal", "uniform"), ("wina", "global"))
+                         for pol in ("all", "prompt:16", "first:8")}
+    for (c, a, pol), r in runs.items():
+        assert r["dense_ppl"] == runs[("dense", "-", pol)]["ppl"]  # compared on the tokens the policy scores
+        if c != "dense":
+            assert r["realized_sparsity"] == pytest.approx(0.5, abs=0.01) if pol == "all" else \
+                r["realized_sparsity"] < 0.5 - 0.02  # dense positions read every channel
+    assert runs[("dense", "-", "prompt:16")]["ppl"] != runs[("dense", "-", "all")]["ppl"]  # fewer tokens scored
+    assert len(b["budgets"]) == 4
+    for f in b["budgets"]:
+        assert 0.0 <= f["target_sparsity"] <= 0.9
+        assert f["ppl"] <= b["dense_ppl"] * (1 + f["max_ppl_increase"]) * (1 + 1e-9)
+    from wina_cli.bench.report import markdown
+
+    md = markdown(b).splitlines()
+    assert md[0] == "| transform | criterion | allocation | policy | dense | 0.5 | PPL-1% | PPL-5% |"
+    assert len(md) == 2 + 2 * 3
+
+
+def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tiny_llama_dir, calib_text):
+    code, stdout, err = run_inproc(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", tmp_path / "o",
+                                    *SMALL, "--transform", "none", "--max-ppl-increase", "1%", "--dense-first", "4",
+                                    "--json"], capsys)
+    assert code == 0, err
+    r = as_json(stdout)
+    b = r["validation"]["ppl_budget"]
+    assert b["max_ppl_increase"] == 0.01 and r["gates"]["target"] == b["target"]
+    manifest = json.loads((tmp_path / "o" / "wina.json").read_text())
+    assert manifest["validation"]["ppl_budget"]["target"] == b["target"]
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["wina"]
+    assert cfg["dense_first"] == 4 and cfg["dense_prompt"] is False
+    # The ONNX ops gate every position: an artifact whose policy keeps some dense is refused, not exported wrong.
+    _bad(capsys, ["export", tmp_path / "o", "--format", "onnx", "-o", tmp_path / "x"], 11, "first 4 tokens dense",
+         out=tmp_path / "x")
+    code, stdout, err = run_inproc(["generate", tmp_path / "o", "-p", "river stone", "-n", "3", "--json"], capsys)
+    assert code == 0, err
+    _bad(capsys, ["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", tmp_path / "y",
+                  "--max-ppl-increase", "lots"], 3, "--max-ppl-increase 'lots'")
+
+
+def test_method_auto_measures_every_candidate_and_keeps_the_best(capsys, tmp_path, tiny_llama_dir, calib_text):
+    cfg = tmp_path / "auto.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\ndata:\n  path: {calib_text}\n  num_samples: 4\n  seq_len: 64\n"
+                   "method: auto\nauto:\n  transforms: none,pca-global\nholdout:\n  num_samples: 2\n"
+                   "allocation:\n  num_samples: 2\n  seq_len: 32\n")
+    code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "o", "--json"], capsys)
+    assert code == 0, err
+    auto = as_json(stdout)["validation"]["auto"]
+    cands = auto["candidates"]
+    assert {(c["transform"], c["criterion"], c["allocation"]) for c in cands} == {
+        (t, c, a) for t in ("none", "pca-global") for c in ("wina", "teal") for a in ("greedy", "uniform", "global")}
+    best = min(cands, key=lambda c: c["ppl"])
+    assert auto["chosen"] == best and best["transform"] in auto["reason"]
+    wina = json.loads((tmp_path / "o" / "config.json").read_text())["wina"]
+    assert (wina["transform"], wina["criterion"], wina["allocation"]) == (best["transform"], best["criterion"],
+                                                                          best["allocation"])
+    manifest = json.loads((tmp_path / "o" / "wina.json").read_text())
+    assert manifest["validation"]["auto"]["chosen"] == best and manifest["calibration"]["holdout_windows"] == 2
+    _bad(capsys, ["calibrate", "--config", cfg, "-o", tmp_path / "p", "--method", "guess"], 3, "`method`")
+    cfg.write_text(cfg.read_text().replace("none,pca-global", "none,spin"))
+    _bad(capsys, ["calibrate", "--config", cfg, "-o", tmp_path / "p"], 3, "`auto.transforms` has spin")
+
+
 def test_help_is_fast():
     p = run_sub(["--help"])
     assert p.returncode == 0 and "calibrate" in p.stdout

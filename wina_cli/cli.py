@@ -63,9 +63,18 @@ def calibrate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Deployment target in [0, 0.9]."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="wina (|x|*||W[:,i]||) or teal (|x|)."),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="greedy or uniform."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="greedy (per block), global (across layers) or uniform."),
     mode: Optional[str] = typer.Option(None, "--mode", help="threshold (calibrated) or topk."),
-    transform: Optional[str] = typer.Option(None, "--transform", help="wina (orthogonal transform) or none."),
+    max_ppl_increase: Optional[str] = typer.Option(
+        None, "--max-ppl-increase", help="Search the highest sparsity whose calibration perplexity stays within "
+                                         "this of dense (e.g. 1% or 0.01); replaces --sparsity."),
+    dense_prompt: Optional[bool] = typer.Option(None, "--dense-prompt/--sparse-prompt",
+                                                help="Gate policy: compute the prompt dense, sparsify decode."),
+    dense_first: Optional[int] = typer.Option(None, "--dense-first", help="Gate policy: the first N tokens of a "
+                                              "sequence are computed dense."),
+    method: Optional[str] = typer.Option(None, "--method", help="manual (the recipe's choices) or auto (measure "
+                                         "transforms, criteria and allocations on held-apart text, keep the best)."),
+    transform: Optional[str] = typer.Option(None, "--transform", help="wina (the paper's rotation), stacked, pca, pca-global or none."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -78,7 +87,10 @@ def calibrate(
     overrides = {"model": model, "data.path": data, "data.num_samples": num_samples, "data.seq_len": seq_len,
                  "seed": seed, "sparsity.target": sparsity, "sparsity.criterion": criterion,
                  "sparsity.allocation": allocation, "sparsity.mode": mode, "transform": transform, "dtype": dtype,
-                 "output": output}
+                 "method": method,
+                 "output": output, "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
+                 "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
+                                                                                                "--max-ppl-increase")}
     for key, value in overrides.items():
         if value is not None:
             set_path(recipe, key, value)
@@ -93,15 +105,12 @@ def calibrate(
     import torch
 
     from exporters.safetensors import write_artifact
-    from passes import build_pipeline
-    from passes.base import PipelineState
+    from passes import run_calibration
 
     torch.manual_seed(recipe.seed)
     progress = _progress(_want_progress(json_out))
     t0 = time.perf_counter()
-    state = PipelineState(recipe=recipe, progress=progress)
-    pipeline = build_pipeline(recipe)
-    report = pipeline.run(state)
+    state, report = run_calibration(recipe, progress)
     saved = recipe.to_dict()
     saved["output"] = ""
     import yaml
@@ -115,7 +124,8 @@ def calibrate(
         "transform": state.transform,
         "validation": dict(state.validation),
     }
-    wina_block = {"format_version": 1, "transform": state.transform, **state.gates.describe()}
+    wina_block = {"format_version": 1, "transform": state.transform, **state.gates.describe(),
+                  "dense_prompt": recipe.sparsity.dense_prompt, "dense_first": recipe.sparsity.dense_first}
     validation = write_artifact(recipe.output, overwrite=overwrite, model=state.model, tokenizer=state.tokenizer,
                                 stats=state.stats, allocation=state.allocation, plan=state.gates,
                                 dtype=recipe.dtype, wina_block=wina_block, manifest=manifest,
@@ -141,6 +151,13 @@ def calibrate(
         v = state.validation["transform"]
         out.print(f"transform check: max |delta logits| = {v['max_abs_delta']:.3g} "
                   f"({v['max_rel_delta']:.2g} relative), top-1 agreement {v['top1_agreement']:.3f}")
+    if "auto" in state.validation:
+        out.print(f"method auto: {state.validation['auto']['reason']}")
+    if "ppl_budget" in state.validation:
+        b = state.validation["ppl_budget"]
+        out.print(f"perplexity budget +{b['max_ppl_increase'] * 100:g}%: highest target {b['target']:.3f} "
+                  f"(calibration perplexity {b['ppl']:.3f} vs dense {b['dense_ppl']:.3f}, "
+                  f"{b['ppl_increase'] * 100:+.2f}%, on {b['tokens']} tokens, {len(b['evaluations'])} evaluations)")
     out.print(f"export check: dense max |delta| = {validation['dense']['max_abs_delta']:.3g}, "
               f"sparse max |delta| = {validation['sparse']['max_abs_delta']:.3g}")
     out.print(f"done in {seconds:.1f} s, peak memory {peak:.0f} MB")
@@ -226,6 +243,16 @@ def export(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _fraction(text: str, what: str) -> float:
+    """'1%' -> 0.01, '0.01' -> 0.01."""
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError as e:
+        raise ConfigError(f"{what} '{text}' is not a number", "it takes a fraction or a percentage",
+                          "write e.g. 1% or 0.01") from e
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
@@ -263,8 +290,18 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
     criteria: str = typer.Option("teal,wina", "--criteria"),
-    allocations: str = typer.Option("uniform,greedy", "--allocations"),
+    allocations: str = typer.Option("uniform,greedy", "--allocations", help="uniform, greedy and/or global."),
     mode: str = typer.Option("threshold", "--mode", help="threshold or topk."),
+    configs: Optional[str] = typer.Option(
+        None, "--configs", help="Instead of criteria x allocations: a list of criterion/allocation pairs, e.g. "
+                                "teal/uniform,wina/global."),
+    ppl_budget: Optional[str] = typer.Option(
+        None, "--ppl-budget", help="Also find each configuration's PPL-p% sparsity on the evaluation text: the "
+                                   "highest model-wide sparsity within (1 + p) of dense, e.g. 1%,5%."),
+    policies: str = typer.Option("all", "--policies", help="Gate policies: all (every token sparse), prompt:N "
+                                 "(first N tokens a dense prompt, the rest scored), first:N (first N dense)."),
+    realized: bool = typer.Option(False, "--realized", help="Read --sparsity as the realized model-wide sparsity "
+                                  "on the evaluation text: each run searches the target that realizes it."),
     num_samples: int = typer.Option(16, "--num-samples", help="Evaluation windows."),
     seq_len: int = typer.Option(512, "--seq-len"),
     seed: int = typer.Option(1, "--seed"),
@@ -272,8 +309,9 @@ def bench(
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (targets as columns) on stdout."),
 ):
     """Quality (--data): perplexity dense vs sparse over a sweep of targets, criteria and allocations, with the
-    sparsity each projection really had and FLOPs per token. Speed (--onnx): batch-1 decode of the dense vs the
-    sparse ONNX export, and the gated kernel vs ONNX Runtime's dense MatMul at Llama-8B shapes."""
+    sparsity each projection really had and FLOPs per token; optionally each configuration's PPL-p% sparsity and
+    perplexity under gate policies. Speed (--onnx): batch-1 decode of the dense vs the sparse ONNX export, and the
+    gated kernel vs ONNX Runtime's dense MatMul at Llama-8B shapes."""
     if onnx is not None:
         if len(artifacts) != 1:
             raise ConfigError("--onnx benchmarks one artifact", "the speed run compares one sparse export with the "
@@ -286,37 +324,39 @@ def bench(
     from .sparse import CRITERIA, MODES
 
     targets = _floats(sparsity, "--sparsity")
-    crits = _names(criteria, CRITERIA, "--criteria")
-    allocs = _names(allocations, ALLOCATIONS, "--allocations")
+    if configs is not None:
+        pairs = []
+        for item in [x.strip() for x in configs.split(",") if x.strip()]:
+            c, _, a = item.partition("/")
+            if c not in CRITERIA or a not in ALLOCATIONS:
+                raise ConfigError(f"--configs entry '{item}' is not criterion/allocation",
+                                  f"criteria: {', '.join(CRITERIA)}; allocations: {', '.join(ALLOCATIONS)}",
+                                  "write e.g. teal/uniform,wina/global")
+            pairs.append((c, a))
+        if not pairs:
+            raise ConfigError("--configs is empty", "it lists criterion/allocation pairs", "e.g. teal/uniform")
+    else:
+        crits = _names(criteria, CRITERIA, "--criteria")
+        allocs = _names(allocations, ALLOCATIONS, "--allocations")
+        pairs = [(c, a) for c in crits for a in allocs]
+    budgets = [] if ppl_budget is None else [_fraction(x, "--ppl-budget") for x in ppl_budget.split(",") if x.strip()]
+    if any(not 0 < b <= 10 for b in budgets):
+        raise ConfigError(f"--ppl-budget '{ppl_budget}' is out of range", "a budget is a fraction of the dense "
+                          "perplexity in (0, 10]", "write e.g. 1%,5%")
     if mode not in MODES:
         raise ConfigError(f"--mode '{mode}' is not valid", f"choose from {', '.join(MODES)}", "pass threshold or topk")
-    import torch
+    from .bench.quality import Policy
 
-    from .bench.quality import evaluate
-    from .data import token_windows
-    from .runtime import load_runtime
-
-    progress = _progress(_want_progress(json_out))
-    runs, dense = [], {}
-    windows = None
-    for path in artifacts:
-        rt = load_runtime(path)
-        if windows is None:
-            windows = token_windows(data, rt.tokenizer, num_samples, seq_len, seed)
-        transform = rt.artifact.wina.get("transform", "none")
-        d = evaluate(rt, None, windows.ids, progress, f"dense [{path.name}]")
-        dense[str(path)] = d.ppl
-        runs.append(_run_row(path, transform, "dense", "-", 0.0, d))
-        for c in crits:
-            for a in allocs:
-                for t in targets:
-                    plan = rt.plan_for(c, mode, a, t)
-                    r = evaluate(rt, plan, windows.ids, progress, f"{c}/{a}/{t} [{path.name}]")
-                    runs.append(_run_row(path, transform, c, a, t, r))
-    first = str(artifacts[0])
-    result = {"dense_ppl": dense[first], "dense_ppl_by_artifact": dense, "mode": mode,
-              "eval": {"data": data, **{k: windows.provenance[k] for k in ("text_sha256", "tokens", "seed")}},
-              "runs": runs}
+    try:
+        pols = [Policy.parse(x.strip()) for x in policies.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--policies entry '{e}' is not a policy", "policies are all, prompt:N and first:N "
+                          "with N > 0", "write e.g. all,prompt:256,first:16") from e
+    if any(p.dense_until >= seq_len for p in pols):
+        raise ConfigError("a policy's dense prefix is not shorter than --seq-len", "nothing would be sparse or "
+                          "scored", "lower N or raise --seq-len")
+    result = _bench_quality(artifacts, data, targets, pairs, mode, budgets, pols, num_samples, seq_len, seed, json_out,
+                            realized)
     if json_out:
         _emit_json(result)
         return
@@ -325,15 +365,89 @@ def bench(
 
         sys.stdout.write(render(result))
         return
-    t = Table(title=f"wina bench: perplexity on {data} ({windows.provenance['tokens']} tokens, mode {mode})")
-    for col in ("artifact", "transform", "criterion", "allocation", "target", "realized", "ppl", "vs dense", "GFLOP/token"):
-        t.add_column(col, justify="right" if col not in ("artifact", "transform", "criterion", "allocation") else "left")
+    runs, dense = result["runs"], result["dense_ppl_by_artifact"]
+    t = Table(title=f"wina bench: perplexity on {data} ({result['eval']['tokens']} tokens, mode {mode})")
+    for col in ("artifact", "transform", "criterion", "allocation", "policy", "target", "realized", "ppl",
+                "vs dense", "GFLOP/token"):
+        t.add_column(col, justify="left" if col in ("artifact", "transform", "criterion", "allocation", "policy")
+                     else "right")
     for r in runs:
-        base = dense[r["artifact"]]
-        t.add_row(Path(r["artifact"]).name, r["transform"], r["criterion"], r["allocation"],
+        t.add_row(Path(r["artifact"]).name, r["transform"], r["criterion"], r["allocation"], r["policy"],
                   f"{r['target_sparsity']:.2f}", f"{r['realized_sparsity']:.3f}", f"{r['ppl']:.2f}",
-                  f"{(r['ppl'] / base - 1) * 100:+.1f}%", f"{r['flops_per_token'] / 1e9:.3f}")
+                  f"{(r['ppl'] / r['dense_ppl'] - 1) * 100:+.1f}%", f"{r['flops_per_token'] / 1e9:.3f}")
     out.print(t)
+    if result["budgets"]:
+        bt = Table(title="PPL-p% sparsity: the highest model-wide target within (1 + p) of dense, on the same text")
+        for col in ("artifact", "transform", "criterion", "allocation", "budget", "target", "realized", "ppl",
+                    "vs dense"):
+            bt.add_column(col)
+        for b in result["budgets"]:
+            bt.add_row(Path(b["artifact"]).name, b["transform"], b["criterion"], b["allocation"],
+                       f"+{b['max_ppl_increase'] * 100:g}%", f"{b['target_sparsity']:.3f}",
+                       f"{b['realized_sparsity']:.3f}", f"{b['ppl']:.2f}", f"{(b['ppl'] / dense[b['artifact']] - 1) * 100:+.2f}%")
+        out.print(bt)
+
+
+REALIZED_TOLERANCE = 0.003  # --realized: how close the realized sparsity must come to the one asked for
+
+
+def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num_samples, seq_len, seed,
+                   json_out, realized=False) -> dict:
+    from .bench.quality import EVERY_TOKEN, evaluate
+    from .data import token_windows
+    from .perplexity import max_sparsity_within
+    from .runtime import load_runtime
+
+    progress = _progress(_want_progress(json_out))
+    runs, dense, found = [], {}, []
+    windows = None
+    for path in artifacts:
+        rt = load_runtime(path)
+        if windows is None:
+            windows = token_windows(data, rt.tokenizer, num_samples, seq_len, seed)
+        transform = rt.artifact.wina.get("transform", "none")
+        dense_by_policy = {}
+        for pol in policies:
+            d = evaluate(rt, None, windows.ids, progress, f"dense {pol.name} [{path.name}]", pol)
+            dense_by_policy[pol.name] = d.ppl
+            runs.append(_run_row(path, transform, "dense", "-", 0.0, d, pol.name, d.ppl))
+        dense[str(path)] = dense_by_policy["all"] if "all" in dense_by_policy else \
+            evaluate(rt, None, windows.ids, progress, f"dense [{path.name}]").ppl
+        for c, a in pairs:
+            cache: dict = {}
+            for pol in policies:
+                for want in targets:
+                    def run(t, c=c, a=a, pol=pol):
+                        r = evaluate(rt, rt.plan_for(c, mode, a, t), windows.ids, progress,
+                                     f"{c}/{a}/{t:.3f} {pol.name} [{path.name}]", pol)
+                        if pol.name == "all":
+                            cache[round(t, 6)] = r
+                        return r
+
+                    t, r = (_realize(run, want) if realized else (want, run(want)))
+                    row = _run_row(path, transform, c, a, t, r, pol.name, dense_by_policy[pol.name])
+                    if realized:
+                        row["requested_realized"] = want
+                    runs.append(row)
+            results: dict = {}
+
+            def ppl_at(t, c=c, a=a):
+                key = round(t, 6)
+                if key not in cache:
+                    cache[key] = evaluate(rt, rt.plan_for(c, mode, a, t), windows.ids, progress,
+                                          f"{c}/{a}/{t:.3f} budget search [{path.name}]")
+                return cache[key].ppl
+
+            for b in budgets:
+                t, ppl = max_sparsity_within(ppl_at, dense[str(path)] * (1 + b), cache=results)
+                found.append({"artifact": str(path), "transform": transform, "criterion": c, "allocation": a,
+                              "max_ppl_increase": b, "target_sparsity": t, "ppl": ppl,
+                              "realized_sparsity": round(cache[round(t, 6)].realized_model, 4)})
+    return {"dense_ppl": dense[str(artifacts[0])], "dense_ppl_by_artifact": dense, "mode": mode,
+            "sparsity_basis": "realized" if realized else "target",
+            "policies": [p.name for p in policies],
+            "eval": {"data": data, **{k: windows.provenance[k] for k in ("text_sha256", "tokens", "seed")}},
+            "runs": runs, "budgets": found}
 
 
 def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: int, warmup: int, prompt: str,
@@ -428,13 +542,37 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         out.print(kt)
 
 
-def _run_row(path, transform, criterion, allocation, target, r) -> dict:
+def _realize(run, want: float, tries: int = 6):
+    """The target whose realized model-wide sparsity on the evaluation text is `want` (within
+    REALIZED_TOLERANCE): secant steps from target = want; realized sparsity rises with the target. Returns the
+    closest (target, result) found."""
+    t, r = want, run(want)
+    best = (abs(r.realized_model - want), t, r)
+    prev = None
+    for _ in range(tries):
+        if best[0] <= REALIZED_TOLERANCE or want == 0.0:
+            break
+        if prev is None or prev[1].realized_model == r.realized_model:
+            nxt = t + (want - r.realized_model)
+        else:
+            slope = (r.realized_model - prev[1].realized_model) / (t - prev[0])
+            nxt = t + (want - r.realized_model) / slope if slope > 0 else t + (want - r.realized_model)
+        prev = (t, r)
+        t = min(max(nxt, 0.0), 0.9)
+        r = run(t)
+        if abs(r.realized_model - want) < best[0]:
+            best = (abs(r.realized_model - want), t, r)
+    return round(best[1], 6), best[2]
+
+
+def _run_row(path, transform, criterion, allocation, target, r, policy="all", dense_ppl=None) -> dict:
     from .models.adapters import PROJECTIONS
 
     per_proj = {name: round(float(r.realized[:, p].mean()), 4) for p, name in enumerate(PROJECTIONS)}
     return {"artifact": str(path), "transform": transform, "criterion": criterion, "allocation": allocation,
-            "target_sparsity": target, "realized_sparsity": round(r.realized_model, 4),
-            "realized_by_projection": per_proj, "ppl": r.ppl, "flops_per_token": r.flops_per_token}
+            "policy": policy, "target_sparsity": target, "realized_sparsity": round(r.realized_model, 4),
+            "realized_by_projection": per_proj, "ppl": r.ppl, "dense_ppl": r.ppl if dense_ppl is None else dense_ppl,
+            "flops_per_token": r.flops_per_token}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,6 +688,8 @@ def generate(
         p = rt.default_plan
         rt.use_plan(rt.plan_for(p.criterion, p.mode, p.allocation, sparsity))
     ids = rt.tokenizer(prompt, return_tensors="pt").input_ids
+    if rt.plan is not None:
+        rt.gateset.set_dense_until(rt.dense_until_policy(ids.shape[1]))
     t0 = time.perf_counter()
     with torch.no_grad():
         gen = rt.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,

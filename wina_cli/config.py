@@ -26,8 +26,14 @@ class DataSection:
 class SparsitySection:
     target: float = 0.5
     criterion: str = "wina"  # wina | teal
-    allocation: str = "greedy"  # greedy | uniform
+    allocation: str = "greedy"  # greedy (within each block) | global (across layers, then blocks) | uniform
     mode: str = "threshold"  # threshold | topk
+    # > 0: search the highest target whose calibration-text perplexity stays within (1 + p) of dense; the
+    # target above is then ignored.
+    max_ppl_increase: float = 0.0
+    # Gate policies: compute the prompt dense (sparsify decode only), and/or the first N tokens of a sequence.
+    dense_prompt: bool = False
+    dense_first: int = 0
 
 
 @dataclass
@@ -40,12 +46,31 @@ class AllocationSection:
 
 
 @dataclass
+class HoldoutSection:
+    """Windows of the calibration text held apart from the statistics and the allocation (drawn beside the
+    `data.num_samples` windows), on which --max-ppl-increase and --method auto measure perplexity."""
+
+    num_samples: int = 8
+
+
+@dataclass
+class AutoSection:
+    """--method auto: the transforms it tries (each is a calibration of its own); every criterion and allocation
+    is tried on each, at the recipe's target and mode."""
+
+    transforms: str = "none,wina"  # comma-separated
+
+
+@dataclass
 class Recipe:
     model: str = ""
     data: DataSection = field(default_factory=DataSection)
-    transform: str = "wina"  # wina | none
+    transform: str = "wina"  # wina (the paper's) | stacked | pca | pca-global | none
     sparsity: SparsitySection = field(default_factory=SparsitySection)
     allocation: AllocationSection = field(default_factory=AllocationSection)
+    holdout: HoldoutSection = field(default_factory=HoldoutSection)
+    method: str = "manual"  # manual (the recipe's transform, criterion, allocation) | auto (measured choice)
+    auto: AutoSection = field(default_factory=AutoSection)
     seed: int = 0
     dtype: str = "float32"
     output: str = ""
@@ -58,11 +83,12 @@ class Recipe:
 
 
 CHOICES = {
-    "transform": ("wina", "none"),
+    "transform": ("wina", "stacked", "pca", "pca-global", "none"),
     "sparsity.criterion": ("wina", "teal"),
-    "sparsity.allocation": ("greedy", "uniform"),
+    "sparsity.allocation": ("greedy", "global", "uniform"),
     "sparsity.mode": ("threshold", "topk"),
     "dtype": ("float32", "float16", "bfloat16"),
+    "method": ("manual", "auto"),
 }
 
 
@@ -121,7 +147,17 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
     if not (0.0 <= t <= 0.9):
         raise ConfigError(f"`sparsity.target` is {t}", "a target sparsity must lie in [0, 0.9]",
                           "pass a value such as 0.5")
-    for key in ("data.num_samples", "data.seq_len", "allocation.num_samples", "allocation.seq_len"):
+    p = recipe.sparsity.max_ppl_increase
+    if not (0.0 <= p <= 10.0):
+        raise ConfigError(f"`sparsity.max_ppl_increase` is {p}", "it is a fraction of the dense perplexity, "
+                          "in [0, 10] (0 = off)", "write e.g. 0.01 for 1%")
+    bad = [t for t in auto_transforms(recipe) if t not in CHOICES["transform"]] or ([] if auto_transforms(recipe)
+                                                                                   else ["<empty>"])
+    if bad:
+        raise ConfigError(f"`auto.transforms` has {', '.join(bad)}", f"transforms: {', '.join(CHOICES['transform'])}",
+                          "write a comma-separated list of those, e.g. none,wina")
+    for key in ("data.num_samples", "data.seq_len", "allocation.num_samples", "allocation.seq_len",
+                "holdout.num_samples"):
         if get_path(recipe, key) < 1:
             raise ConfigError(f"`{key}` is {get_path(recipe, key)}", "it must be at least 1", "raise it")
     if recipe.allocation.seq_len > recipe.data.seq_len:
@@ -132,6 +168,9 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
         raise ConfigError(f"`allocation.num_samples` ({recipe.allocation.num_samples}) exceeds "
                           f"`data.num_samples` ({recipe.data.num_samples})",
                           "allocation windows are a subset of the calibration windows", "lower allocation.num_samples")
+    if recipe.sparsity.dense_first < 0:
+        raise ConfigError(f"`sparsity.dense_first` is {recipe.sparsity.dense_first}", "it counts tokens",
+                          "use 0 (off) or a positive count")
     if not (0.0 < recipe.allocation.step <= 0.5):
         raise ConfigError(f"`allocation.step` is {recipe.allocation.step}", "it must lie in (0, 0.5]",
                           "use e.g. 0.05")
@@ -142,6 +181,14 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
         raise ConfigError("no calibration data given", "thresholds are calibrated on sample text",
                           "pass --data or set `data.path` in the config")
     return recipe
+
+
+def auto_transforms(recipe: Recipe) -> list[str]:
+    return [t.strip() for t in recipe.auto.transforms.split(",") if t.strip()]
+
+
+def needs_holdout(recipe: Recipe) -> bool:
+    return recipe.method == "auto" or recipe.sparsity.max_ppl_increase > 0
 
 
 def load_recipe(path: str | None) -> Recipe:

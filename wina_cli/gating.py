@@ -15,7 +15,8 @@ from .sparse import CRITERIA, MODES, Gate, GatedLinear, Segment, column_norms
 
 LEVELS = 1000  # quantile table: the score below which a fraction j/LEVELS of channels fall, j = 0..LEVELS-1
 MAX_TARGET = 0.9
-ALLOCATIONS = ("greedy", "uniform")
+ALLOCATIONS = ("greedy", "uniform", "global")
+SENSITIVITY_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)  # block sparsities each layer is probed at (linear in between)
 
 
 @dataclass
@@ -58,10 +59,19 @@ class Allocation:
     A greedy path for one layer is a [steps, 9] tensor: column 0 the block sparsity reached (fraction of the
     block's weights skipped), columns 1..7 the projections' sparsities at that step, column 8 the relative
     block-output error measured there.
+
+    `global` spreads a model-wide target over layers first: `sensitivity[c]` [L, 1 + levels] is the relative error
+    of the model's final normalized hidden state when only layer l is gated, at block sparsity 0 and each of
+    SENSITIVITY_LEVELS (its greedy split), so an early layer's error is counted after the layers that carry it;
+    `layer_path[c]` [steps, 1 + L] is the path a greedy search over layers took on those curves:
+    column 0 the model-wide sparsity, then each layer's block sparsity. Each layer's share is then split among
+    its projections on its greedy path.
     """
 
     sizes: torch.Tensor  # [L, 7] number of weights per projection
     greedy: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_path: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def per_projection(self, criterion: str, allocation: str, target: float) -> torch.Tensor:
         L = self.sizes.shape[0]
@@ -69,10 +79,53 @@ class Allocation:
             return torch.full((L, len(PROJECTIONS)), float(target))
         if criterion not in self.greedy:
             raise KeyError(criterion)
+        if allocation == "global":
+            if criterion not in self.layer_path:
+                raise KeyError(criterion)
+            per_layer = lookup_layer_path(self.layer_path[criterion], target)
+            return torch.stack([lookup_path(path, float(t)) for path, t in zip(self.greedy[criterion], per_layer)])
         rows = []
         for path in self.greedy[criterion]:
             rows.append(lookup_path(path, target))
         return torch.stack(rows)
+
+
+def lookup_layer_path(path: torch.Tensor, target: float) -> torch.Tensor:
+    """Each layer's block sparsity where the layer path's model-wide sparsity equals target (linear between)."""
+    model = path[:, 0].contiguous()
+    if target <= float(model[0]):
+        return path[0, 1:].clone()
+    if target >= float(model[-1]):
+        return path[-1, 1:].clone()
+    i = int(torch.searchsorted(model, torch.tensor(float(target), dtype=model.dtype)))
+    m0, m1 = float(model[i - 1]), float(model[i])
+    w = 0.0 if m1 == m0 else (target - m0) / (m1 - m0)
+    return path[i - 1, 1:] * (1 - w) + path[i, 1:] * w
+
+
+def layer_search(sensitivity: torch.Tensor, layer_sizes: torch.Tensor) -> torch.Tensor:
+    """Greedy over layers: from all-dense, repeatedly raise by one level the layer whose next level costs the least
+    KL per weight skipped, until every layer is at the last level. Curves are made non-decreasing first (a
+    measured dip is noise, not a free lunch). Returns the path [steps, 1 + L]."""
+    levels = torch.tensor((0.0,) + SENSITIVITY_LEVELS, dtype=torch.float64)
+    cost = sensitivity.double().cummax(dim=1).values
+    sizes = layer_sizes.double()
+    L = cost.shape[0]
+    at = [0] * L
+    total = float(sizes.sum())
+
+    def row():
+        s = torch.tensor([float(levels[i]) for i in at], dtype=torch.float64)
+        return [float((s * sizes).sum() / total), *s.tolist()]
+
+    path = [row()]
+    while any(i < len(levels) - 1 for i in at):
+        best = min((l for l in range(L) if at[l] < len(levels) - 1),
+                   key=lambda l: (float(cost[l, at[l] + 1] - cost[l, at[l]])
+                                  / (float(levels[at[l] + 1] - levels[at[l]]) * float(sizes[l])), l))
+        at[best] += 1
+        path.append(row())
+    return torch.tensor(path, dtype=torch.float32)
 
 
 def lookup_path(path: torch.Tensor, target: float) -> torch.Tensor:
@@ -146,6 +199,7 @@ class GateSet:
 
     def __init__(self, adapter: Adapter):
         self.adapter = adapter
+        self._position_hook = None
         self.segments: list[dict[str, Segment]] = []
         self.modules: list[GatedLinear] = []
         for layer in adapter.layers():
@@ -171,6 +225,24 @@ class GateSet:
                     continue
                 scale = col_norms[l, p, : int(in_features[l, p])] if plan.criterion == "wina" else None
                 seg.gate = Gate(plan.criterion, plan.mode, float(plan.threshold[l, p]), int(plan.k[l, p]), scale)
+
+    def set_dense_until(self, n: int) -> None:
+        """Gate policy: token positions < n are computed dense (0: every token sparse). Positions count from the
+        start of the sequence, KV cache included (read from the decoder's cache_position on every call)."""
+        for m in self.modules:
+            m.dense_until = int(n)
+        if n > 0 and self._position_hook is None:
+            self._position_hook = self.adapter.base.register_forward_pre_hook(self._track_offset, with_kwargs=True)
+
+    def _track_offset(self, module, args, kwargs):
+        cp = kwargs.get("cache_position")
+        if cp is not None and cp.numel():
+            offset = int(cp.reshape(-1)[0])
+        else:
+            past = kwargs.get("past_key_values")
+            offset = int(past.get_seq_length()) if past is not None else 0
+        for m in self.modules:
+            m.offset = offset
 
     def set_layer(self, layer: int, gates: dict[str, Gate | None]) -> None:
         for name, gate in gates.items():

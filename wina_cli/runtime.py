@@ -33,6 +33,9 @@ def gate_tensors(stats: CalibrationStats, alloc: Allocation, plan: GatePlan) -> 
     for c, paths in alloc.greedy.items():
         for l, path in enumerate(paths):
             t[f"wina.greedy.{c}.{l}"] = path
+    for c in alloc.layer_path:
+        t[f"wina.sensitivity.{c}"] = alloc.sensitivity[c]
+        t[f"wina.layer_path.{c}"] = alloc.layer_path[c]
     return {k: v.contiguous() for k, v in t.items()}
 
 
@@ -44,7 +47,9 @@ def read_gate_tensors(t: dict[str, torch.Tensor], wina_cfg: dict) -> tuple[Calib
         L = stats.num_layers
         alloc = Allocation(t["wina.sizes"].float(),
                            {c: [t[f"wina.greedy.{c}.{l}"].float() for l in range(L)] for c in CRITERIA
-                            if f"wina.greedy.{c}.0" in t})
+                            if f"wina.greedy.{c}.0" in t},
+                           {c: t[f"wina.sensitivity.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t},
+                           {c: t[f"wina.layer_path.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t})
         plan = GatePlan(wina_cfg["criterion"], wina_cfg["mode"], wina_cfg["allocation"], float(wina_cfg["target"]),
                         t["wina.gate.sparsity"].float(), t["wina.gate.threshold"].float(), t["wina.gate.k"])
     except KeyError as e:
@@ -76,13 +81,26 @@ class Runtime:
         if not 0.0 <= target <= 0.9:
             raise ConfigError(f"target sparsity {target} is out of range", "targets lie in [0, 0.9]",
                               "pick a value such as 0.5")
-        if allocation == "greedy" and criterion not in self.allocation.greedy:
-            raise ArtifactError(f"the artifact has no greedy allocation for criterion '{criterion}'",
-                                "it was calibrated without it", "use --allocation uniform or recalibrate")
+        if allocation == "greedy" and criterion not in self.allocation.greedy or \
+                allocation == "global" and criterion not in self.allocation.layer_path:
+            raise ArtifactError(f"the artifact has no {allocation} allocation for criterion '{criterion}'",
+                                "it was calibrated without it (artifacts older than the global allocation lack "
+                                "its layer paths)", "use --allocation uniform or recalibrate")
         return plan_gates(self.stats, self.allocation, criterion, mode, allocation, target)
 
     def dense(self):
         self.use_plan(None)
+
+    # Gate policy, from the artifact's recipe: the prompt computed dense, and/or the first N tokens.
+    def dense_until_policy(self, prompt_len: int = 0) -> int:
+        w = self.artifact.wina if self.artifact is not None else {}
+        return max(int(w.get("dense_first", 0)), prompt_len if w.get("dense_prompt", False) else 0)
+
+    def policy_text(self) -> str:
+        w = self.artifact.wina if self.artifact is not None else {}
+        parts = (["dense prompt"] if w.get("dense_prompt") else []) + \
+            ([f"first {w['dense_first']} tokens dense"] if w.get("dense_first") else [])
+        return ", ".join(parts) or "every token sparse"
 
 
 def load_runtime(path: str | Path, dtype: str | None = None, verify: bool = True, partial: bool = False) -> Runtime:

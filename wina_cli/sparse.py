@@ -71,6 +71,10 @@ class GatedLinear(nn.Linear):
 
     segments: list[Segment]
     counting: bool
+    # Gate policy: token positions below dense_until are computed dense; offset is the position of x's first row
+    # (the KV-cache length during generation). Set for the whole model by GateSet.
+    dense_until: int = 0
+    offset: int = 0
 
     @classmethod
     def wrap(cls, linear: nn.Linear, segments: list[Segment]) -> "GatedLinear":
@@ -93,6 +97,8 @@ class GatedLinear(nn.Linear):
                 outs.append(F.linear(x, w, b))
                 continue
             keep = seg.gate.mask(x)
+            if self.dense_until > self.offset and x.dim() >= 2:
+                keep[..., : self.dense_until - self.offset, :] = True
             if self.counting:
                 seg.counter.kept += int(keep.sum())
                 seg.counter.total += keep.numel()

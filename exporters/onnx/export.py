@@ -18,7 +18,7 @@ import torch
 from wina_cli import native, probe
 from wina_cli import onnx_ops as ops
 from wina_cli.artifact import MANIFEST, atomic_folder, file_table, read_artifact, sha256_file
-from wina_cli.errors import ConfigError, ValidationError
+from wina_cli.errors import NotAvailableError, ConfigError, ValidationError
 from wina_cli.onnx_runtime import ONNX_MANIFEST, ONNX_MODEL, OnnxDecoder
 from wina_cli.runtime import Runtime, load_runtime
 
@@ -203,6 +203,11 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
                           f"the graph stores {' or '.join(WEIGHT_DTYPES)} weights", "pass --dtype float32 or float16")
     src = read_artifact(artifact)
     rt = load_runtime(artifact, dtype="float32")
+    if rt.dense_until_policy() and not dense:
+        raise NotAvailableError(
+            f"the artifact's gate policy ({rt.policy_text()}) cannot be exported to ONNX yet",
+            "the ai.wina ops gate every token; keeping some positions dense needs a position input the exported "
+            "ops do not have", "export with --dense, or recalibrate without --dense-prompt / --dense-first")
     plan = rt.default_plan
     if sparsity is not None:
         plan = rt.plan_for(plan.criterion, plan.mode, plan.allocation, sparsity)

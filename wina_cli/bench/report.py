@@ -1,20 +1,32 @@
 """Render a quality bench result (the JSON `wina bench --json` prints) as a Markdown table: one row per
-transform x criterion x allocation, one column per target, each cell `ppl (realized sparsity)`."""
+transform x criterion x allocation (x policy), one column per target, each cell `ppl (realized sparsity)`, and,
+when the bench searched them, one column per perplexity budget with `realized sparsity (target)`."""
 from __future__ import annotations
 
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    dense = {r["artifact"]: r["ppl"] for r in runs if r["criterion"] == "dense"}
+    policies = result.get("policies", ["all"])
+    show_policy = policies != ["all"]
+    dense = {(r["artifact"], r["policy"]): r["ppl"] for r in runs if r["criterion"] == "dense"}
     rows: dict[tuple, dict[float, dict]] = {}  # insertion order = the order the bench ran them
     for r in runs:
         if r["criterion"] != "dense":
-            key = (r["artifact"], r["transform"], r["criterion"], r["allocation"])
+            key = (r["artifact"], r["transform"], r["criterion"], r["allocation"], r["policy"])
             rows.setdefault(key, {})[r["target_sparsity"]] = r
+    budgets = sorted({b["max_ppl_increase"] for b in result.get("budgets", [])})
+    found = {(b["artifact"], b["criterion"], b["allocation"], b["max_ppl_increase"]): b
+             for b in result.get("budgets", [])}
     targets = sorted({t for cells in rows.values() for t in cells})
-    lines = ["| transform | criterion | allocation | dense | " + " | ".join(f"{t:g}" for t in targets) + " |",
-             "|---|---|---|---|" + "---|" * len(targets)]
-    for (art, transform, crit, alloc), cells in rows.items():
-        text = [f"{cells[t]['ppl']:.2f} ({cells[t]['realized_sparsity']:.3f})" if t in cells else "-" for t in targets]
-        lines.append(f"| {transform} | {crit} | {alloc} | {dense[art]:.2f} | " + " | ".join(text) + " |")
+    head = ["transform", "criterion", "allocation"] + (["policy"] if show_policy else []) + ["dense"]
+    head += [f"{t:g}" for t in targets] + [f"PPL-{b * 100:g}%" for b in budgets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (art, transform, crit, alloc, pol), cells in rows.items():
+        text = [transform, crit, alloc] + ([pol] if show_policy else []) + [f"{dense[(art, pol)]:.2f}"]
+        text += [f"{cells[t]['ppl']:.2f} ({cells[t]['realized_sparsity']:.3f})" if t in cells else "-"
+                 for t in targets]
+        for b in budgets:
+            f = found.get((art, crit, alloc, b)) if pol == "all" else None
+            text.append("-" if f is None else f"{f['realized_sparsity']:.3f} ({f['target_sparsity']:.3f})")
+        lines.append("| " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
