@@ -1,11 +1,14 @@
 """Calibration statistics: for every projection and both criteria, the distribution of input-channel scores
 (|x_i| for teal, |x_i| * ||W[:, i]|| for wina) over the calibration text, kept as a 1000-level quantile table.
 
-The windows stream through the model one at a time with no gradient, so peak memory is the model plus one
-window's activations plus a fixed-size score sample per projection (a seeded random subsample of the channel
-scores of each window; the quantiles are read off the pooled sample). The samples go into buffers allocated once:
-tens of thousands of small per-window tensors let the allocator's arenas grow, and peak memory then varied from
-run to run between 2.9 and 6.2 GB on SmolLM2.
+The text goes through the model layer by layer, with no gradient: every window's input to layer l is held (one
+[windows, seq, d] tensor), layer l runs on each window in turn while hooks on its projections draw a seeded
+random subsample of the channel scores, the layer's quantile tables are read off the pooled sample, and the
+outputs become layer l+1's inputs. Peak memory is the model, that hidden-state tensor, one window's activations
+inside one layer and one layer's score samples (buffers allocated once: tens of thousands of small per-window
+tensors let the allocator's arenas grow, and peak memory then varied from run to run between 2.9 and 6.2 GB on
+SmolLM2). Layer keyword arguments (rotary tables, masks) depend only on the window shape, which every window
+shares, so they are captured once from the first window's forward.
 """
 from __future__ import annotations
 
@@ -15,9 +18,35 @@ from wina_cli.gating import CalibrationStats, model_col_norms, projection_shapes
 from wina_cli.models.adapters import PROJECTIONS
 from wina_cli.sparse import CRITERIA
 
+from .allocate import capture_block_inputs
 from .base import Pass, PassResult, PipelineState
 
 SAMPLE_PER_PROJECTION = 1 << 18  # pooled scores per projection and criterion; quantile error ~ 1e-3
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_layer_inputs(adapter, ids: torch.Tensor) -> torch.Tensor:
+    """[windows, seq, d]: the hidden states entering layer 0 for each window (the forward stops there)."""
+    out = []
+
+    def catch(module, args, kwargs):
+        out.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = adapter.layers()[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for i in range(ids.shape[0]):
+            try:
+                adapter.base(input_ids=ids[i:i + 1], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(out)
 
 
 class CollectStats(Pass):
@@ -39,14 +68,19 @@ class CollectStats(Pass):
         per_window = max(1, SAMPLE_PER_PROJECTION // n_win)
         gen = torch.Generator().manual_seed(state.recipe.seed)
         P = len(PROJECTIONS)
-        samples = {c: torch.empty(L, P, per_window * n_win) for c in CRITERIA}
-        filled = torch.zeros(L, P, dtype=torch.int64)
+        samples = {c: torch.empty(P, per_window * n_win) for c in CRITERIA}
+        filled = torch.zeros(P, dtype=torch.int64)
+        quantiles = {c: torch.zeros(L, P, 1000) for c in CRITERIA}
 
-        handles = []
+        kwargs = [kw for _, kw in capture_block_inputs(a, ids[:1])]
+        hidden = first_layer_inputs(a, ids)
         for l, layer in enumerate(a.layers()):
+            state.progress(f"({l + 1}/{L}) calibrating")
+            filled.zero_()
             by_module: dict[str, list[int]] = {}
             for pr in a.projections(layer):
                 by_module.setdefault(pr.module_path, []).append(PROJECTIONS.index(pr.name))
+            handles = []
             for path, pidx in by_module.items():
                 def hook(module, args, l=l, pidx=pidx):
                     x = args[0].reshape(-1, args[0].shape[-1])
@@ -55,25 +89,20 @@ class CollectStats(Pass):
                     ax = x.reshape(-1)[flat].abs().float()
                     chan = flat % n_in
                     for p in pidx:
-                        start = int(filled[l, p])
-                        samples["teal"][l, p, start:start + per_window] = ax
-                        samples["wina"][l, p, start:start + per_window] = ax * col[l, p, chan]
-                        filled[l, p] = start + per_window
+                        start = int(filled[p])
+                        samples["teal"][p, start:start + per_window] = ax
+                        samples["wina"][p, start:start + per_window] = ax * col[l, p, chan]
+                        filled[p] = start + per_window
                 handles.append(a.module(layer, path).register_forward_pre_hook(hook))
-        try:
-            for i in range(n_win):
-                state.progress(f"({i + 1}/{n_win}) calibrating")
-                a.base(input_ids=ids[i:i + 1], use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        quantiles = {}
-        for c in CRITERIA:
-            q = torch.zeros(L, P, 1000)
-            for l in range(L):
+            try:
+                for i in range(n_win):
+                    hidden[i:i + 1] = layer(hidden[i:i + 1], **kwargs[l])
+            finally:
+                for h in handles:
+                    h.remove()
+            for c in CRITERIA:
                 for p in range(P):
-                    q[l, p] = quantile_table(samples[c][l, p, : int(filled[l, p])])
-            quantiles[c] = q
+                    quantiles[c][l, p] = quantile_table(samples[c][p, : int(filled[p])])
         state.stats = CalibrationStats(quantiles, col, fin, fout, tokens=int(ids.numel()))
         return PassResult(True, {"tokens": int(ids.numel()), "samples_per_projection": per_window * n_win})
 

@@ -84,6 +84,25 @@ class AdapterContract:
             assert off.abs().max() < 1e-6 * cov.abs().max()
             assert (torch.diag(cov)[1:] <= torch.diag(cov)[:-1] + 1e-9).all()
 
+    def test_layer_by_layer_reproduces_the_full_forward(self):
+        # collect_stats steps every window through one layer at a time with the first window's layer keyword
+        # arguments (rotary tables, masks); that must give each layer exactly the inputs of a full forward.
+        from passes.allocate import capture_block_inputs
+        from passes.stats import first_layer_inputs
+
+        model = tiny_model(self.model_type)
+        a = adapter_for(model)
+        install_block_forward(a)
+        ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(4))
+        kwargs = [kw for _, kw in capture_block_inputs(a, ids[:1])]
+        hidden = first_layer_inputs(a, ids)
+        with torch.no_grad():
+            for l, layer in enumerate(a.layers()):
+                for i in range(3):
+                    want = capture_block_inputs(a, ids[i:i + 1])[l][0]
+                    assert torch.allclose(hidden[i:i + 1], want, atol=1e-5), (l, i)
+                    hidden[i:i + 1] = layer(hidden[i:i + 1], **kwargs[l])
+
     def test_transform_makes_key_columns_orthogonal(self):
         state = run_pipeline(self.model_type, "wina")
         a = state.adapter

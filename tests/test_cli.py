@@ -100,6 +100,22 @@ def test_bench_budgets_policies_and_global_allocation(built, eval_text):
     assert len(md) == 2 + 2 * 3
 
 
+def test_bench_at_realized_sparsity(built, eval_text):
+    out, _ = built
+    p = run_sub(["bench", out, "--data", eval_text, "--sparsity", "0.3,0.5", "--configs", "wina/greedy",
+                 "--realized", "--num-samples", "2", "--seq-len", "64", "--json"])
+    assert p.returncode == 0, p.stderr
+    b = as_json(p.stdout)
+    assert b["sparsity_basis"] == "realized"
+    runs = [r for r in b["runs"] if r["criterion"] != "dense"]
+    assert [r["requested_realized"] for r in runs] == [0.3, 0.5]
+    for r in runs:  # threshold gates drift from their target; the bench found the target that realizes the ask
+        assert abs(r["realized_sparsity"] - r["requested_realized"]) < 0.01, r
+    from wina_cli.bench.report import markdown
+
+    assert "| 0.3 | 0.5 |" in markdown(b).splitlines()[0]
+
+
 def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tiny_llama_dir, calib_text):
     code, stdout, err = run_inproc(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", tmp_path / "o",
                                     *SMALL, "--transform", "none", "--max-ppl-increase", "1%", "--dense-first", "4",
@@ -117,6 +133,9 @@ def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tin
          out=tmp_path / "x")
     code, stdout, err = run_inproc(["generate", tmp_path / "o", "-p", "river stone", "-n", "3", "--json"], capsys)
     assert code == 0, err
+    code, stdout, err = run_inproc(["inspect", tmp_path / "o"], capsys)
+    text = " ".join(stdout.split())
+    assert code == 0 and "perplexity budget +1%" in text and "first 4 tokens dense" in text, text
     _bad(capsys, ["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", tmp_path / "y",
                   "--max-ppl-increase", "lots"], 3, "--max-ppl-increase 'lots'")
 

@@ -67,3 +67,21 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     r.sparsity.target = 0.4
     r2 = load_recipe(write(tmp_path, r.to_yaml()))
     assert r2 == r
+
+
+def test_quality_keys_are_checked(tmp_path):
+    r = load_recipe(write(tmp_path, "model: m\ndata:\n  path: d\nsparsity:\n  max_ppl_increase: 0.01\n"
+                                    "  dense_first: 4\nmethod: auto\nauto:\n  transforms: none, pca\n"))
+    validate(r)
+    from wina_cli.config import auto_transforms, needs_holdout
+
+    assert auto_transforms(r) == ["none", "pca"] and needs_holdout(r)
+    for bad, needle in (("sparsity:\n  max_ppl_increase: -0.1\n", "`sparsity.max_ppl_increase`"),
+                        ("sparsity:\n  dense_first: -1\n", "`sparsity.dense_first`"),
+                        ("sparsity:\n  allocation: layerwise\n", "`sparsity.allocation`"),
+                        ("transform: spin\n", "`transform`"),
+                        ("auto:\n  transforms: ''\n", "`auto.transforms`"),
+                        ("holdout:\n  num_samples: 0\n", "`holdout.num_samples`")):
+        with pytest.raises(ConfigError) as e:
+            validate(load_recipe(write(tmp_path, "model: m\ndata:\n  path: d\n" + bad)))
+        assert needle in e.value.message, (bad, e.value.message)

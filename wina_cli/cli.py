@@ -603,6 +603,18 @@ def inspect(
     cal = m.get("calibration", {})
     out.print(f"calibration: {cal.get('tokens')} tokens from {cal.get('path')} (sha256 "
               f"{str(cal.get('text_sha256'))[:16]}..., seed {cal.get('seed')})")
+    w = art.wina
+    if w.get("dense_prompt") or w.get("dense_first"):
+        out.print("gate policy: " + ", ".join((["prompt computed dense"] if w.get("dense_prompt") else []) +
+                                              ([f"first {w['dense_first']} tokens dense"] if w.get("dense_first")
+                                               else [])))
+    val = m.get("validation", {})
+    if "auto" in val:
+        out.print(f"method auto: {val['auto']['reason']}")
+    if "ppl_budget" in val:
+        b = val["ppl_budget"]
+        out.print(f"perplexity budget +{b['max_ppl_increase'] * 100:g}%: target {b['target']:.3f} "
+                  f"({b['ppl_increase'] * 100:+.2f}% on {b['tokens']} held-apart tokens)")
     for k, v in m.get("validation", {}).items():
         if isinstance(v, dict) and "max_abs_delta" in v:
             out.print(f"check {k}: max |delta logits| {v['max_abs_delta']:.3g}")

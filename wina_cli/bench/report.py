@@ -1,5 +1,5 @@
 """Render a quality bench result (the JSON `wina bench --json` prints) as a Markdown table: one row per
-transform x criterion x allocation (x policy), one column per target, each cell `ppl (realized sparsity)`, and,
+transform x criterion x allocation (x policy), one column per target (per realized sparsity with `--realized`), each cell `ppl (realized sparsity)`, and,
 when the bench searched them, one column per perplexity budget with `realized sparsity (target)`."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def markdown(result: dict) -> str:
     for r in runs:
         if r["criterion"] != "dense":
             key = (r["artifact"], r["transform"], r["criterion"], r["allocation"], r["policy"])
-            rows.setdefault(key, {})[r["target_sparsity"]] = r
+            # With --realized the columns are the realized sparsities asked for, each cell at its own target.
+            rows.setdefault(key, {})[r.get("requested_realized", r["target_sparsity"])] = r
     budgets = sorted({b["max_ppl_increase"] for b in result.get("budgets", [])})
     found = {(b["artifact"], b["criterion"], b["allocation"], b["max_ppl_increase"]): b
              for b in result.get("budgets", [])}
