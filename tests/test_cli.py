@@ -266,20 +266,25 @@ def test_unknown_option_is_a_usage_error():
 def test_killed_mid_write_leaves_no_artifact(tmp_path, tiny_llama_dir, calib_text):
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "wina_cli", "calibrate", "-m", str(tiny_llama_dir), "-d",
-                             str(calib_text), "-o", str(out), "--num-samples", "32", "--seq-len", "64"],
-                            cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    partial = None
-    while time.time() < deadline and proc.poll() is None:
-        found = [p for p in tmp_path.glob(".killed.partial-*") if (p / "model.safetensors").exists()]
-        if found:
-            partial = found[0]
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert partial is not None, "the run finished before it could be killed mid-write"
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "wina_cli", "calibrate", "-m", str(tiny_llama_dir), "-d",
+                                 str(calib_text), "-o", str(out), "--num-samples", "32", "--seq-len", "64"],
+                                cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 300
+        partial = None
+        # The partial folder exists from the first byte written until the final rename (weights, config,
+        # tokenizer, then loading the written artifact back to validate it): killing at any point of that is
+        # killing mid-write. Poll tightly: on a busy 2-core machine the window is a fraction of a second.
+        while time.time() < deadline and proc.poll() is None:
+            found = list(tmp_path.glob(".killed.partial-*"))
+            if found:
+                partial = found[0]
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert partial is not None, f"the run finished before it could be killed mid-write: {log.read_text()[-2000:]}"
     assert not out.exists()
     # The next run clears the dead run's partial folder and writes a complete artifact.
     p = run_sub(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", out, *SMALL])
