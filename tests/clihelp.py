@@ -23,8 +23,8 @@ def run_inproc(args: list[str], capsys) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
-def run_sub(args: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_sub(args: list[str], timeout: int = 600, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "wina_cli", *[str(a) for a in args]], capture_output=True,
                           text=True, timeout=timeout, cwd=str(ROOT), env=env, **kw)
 

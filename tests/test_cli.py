@@ -204,6 +204,15 @@ def test_model_package_not_installed(capsys, tmp_path, calib_text):
          "not installed", out=tmp_path / "o")
 
 
+def test_hub_id_without_a_hub(tmp_path, calib_text):
+    # No hub is reachable from these machines; offline mode makes that explicit and independent of the network.
+    p = run_sub(["calibrate", "-m", "someorg/some-model", "-d", calib_text, "-o", tmp_path / "o"],
+                extra_env={"HF_HUB_OFFLINE": "1"})
+    text = " ".join(p.stderr.split())
+    assert p.returncode == 4 and "could not be fetched from the hub" in text and "Fix:" in text, text
+    assert not (tmp_path / "o").exists()
+
+
 def test_corrupt_model_files(capsys, tmp_path, tiny_llama_dir, calib_text):
     bad = tmp_path / "m"
     shutil.copytree(tiny_llama_dir, bad)
