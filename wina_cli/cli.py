@@ -393,7 +393,7 @@ REALIZED_TOLERANCE = 0.003  # --realized: how close the realized sparsity must c
 
 def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num_samples, seq_len, seed,
                    json_out, realized=False) -> dict:
-    from .bench.quality import EVERY_TOKEN, evaluate
+    from .bench.quality import evaluate
     from .data import token_windows
     from .perplexity import max_sparsity_within
     from .runtime import load_runtime
