@@ -7,35 +7,28 @@ from __future__ import annotations
 import copy
 
 
-def build_pipeline(recipe, transform: str | None = None, head_only: bool = False):
-    """The passes for a recipe. `transform` overrides the recipe's; `head_only` stops after select (auto)."""
+def build_pipeline(recipe, head_only: bool = False):
+    """The passes for a recipe; `head_only` stops after select (auto)."""
     from .allocate import Allocate
     from .base import Pipeline
-    from .budget import PerplexityBudget
     from .fold_norms import FoldNorms
     from .load import LoadCheckpoint
     from .rotate import RotateWina
     from .select import SelectMethod
-    from .set_gates import SetGates
     from .stats import CollectStats
     from .tokenize import TokenizeCalibration
 
-    transform = transform or recipe.transform
     passes = [LoadCheckpoint(), TokenizeCalibration()]
-    if transform != "none":
-        passes += [FoldNorms(), RotateWina(transform)]
+    if recipe.transform != "none":
+        passes += [FoldNorms(), RotateWina(recipe.transform)]
     passes += [CollectStats(), Allocate()]
     if recipe.method == "auto":
         passes.append(SelectMethod())
-    if head_only:
-        return Pipeline(passes)
-    if recipe.sparsity.max_ppl_increase > 0:
-        passes.append(PerplexityBudget())
-    passes.append(SetGates())
-    return Pipeline(passes)
+    return Pipeline(passes if head_only else passes + tail_pipeline(recipe).passes)
 
 
 def tail_pipeline(recipe):
+    """The passes after the choice of method: [ppl_budget] -> set_gates."""
     from .base import Pipeline
     from .budget import PerplexityBudget
     from .set_gates import SetGates

@@ -50,6 +50,22 @@ def gate_setting(state: PipelineState) -> tuple[str, str, str]:
     return state.choice.get("criterion", sp.criterion), sp.mode, state.choice.get("allocation", sp.allocation)
 
 
+def held_apart_perplexity(state: PipelineState, setting: tuple[str, str, str] | None, target: float,
+                          label: str) -> float:
+    """Perplexity on the held-apart windows with the gates of (criterion, mode, allocation) at target, or dense
+    for setting None. The model is left dense afterwards."""
+    from wina_cli.gating import plan_gates
+    from wina_cli.perplexity import perplexity
+
+    st, gs = state.stats, state.gateset
+    plan = None if setting is None else plan_gates(st, state.allocation, *setting, target)
+    gs.apply(plan, st.col_norms, st.in_features)
+    try:
+        return perplexity(state.model, state.holdout_ids, state.progress, label)
+    finally:
+        gs.apply(None, st.col_norms, st.in_features)
+
+
 class Pass:
     name = "pass"
 

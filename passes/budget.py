@@ -7,10 +7,10 @@ allocation); `wina bench --ppl-budget` measures the same on evaluation text.
 """
 from __future__ import annotations
 
-from wina_cli.gating import MAX_TARGET, plan_gates
-from wina_cli.perplexity import max_sparsity_within, perplexity
+from wina_cli.gating import MAX_TARGET
+from wina_cli.perplexity import max_sparsity_within
 
-from .base import Pass, PassResult, PipelineState, gate_setting
+from .base import Pass, PassResult, PipelineState, gate_setting, held_apart_perplexity
 
 
 class PerplexityBudget(Pass):
@@ -28,22 +28,18 @@ class PerplexityBudget(Pass):
 
     def call(self, state: PipelineState) -> PassResult:
         sp = state.recipe.sparsity
-        criterion, mode, allocation = gate_setting(state)
+        setting = gate_setting(state)
         windows = state.holdout_ids
-        gs, st = state.gateset, state.stats
-        gs.apply(None, st.col_norms, st.in_features)
-        dense = perplexity(state.model, windows, state.progress, "dense")
+        dense = held_apart_perplexity(state, None, 0.0, "dense")
         limit = dense * (1 + sp.max_ppl_increase)
         trace = []
 
         def ppl_at(t: float) -> float:
-            gs.apply(plan_gates(st, state.allocation, criterion, mode, allocation, t), st.col_norms, st.in_features)
-            ppl = perplexity(state.model, windows, state.progress, f"at {t:.3f}")
+            ppl = held_apart_perplexity(state, setting, t, f"at {t:.3f}")
             trace.append([round(t, 6), ppl])
             return ppl
 
         target, ppl = max_sparsity_within(ppl_at, limit, hi=MAX_TARGET)
-        gs.apply(None, st.col_norms, st.in_features)
         state.target = target
         found = {"max_ppl_increase": sp.max_ppl_increase, "dense_ppl": dense, "ppl": ppl,
                  "ppl_increase": ppl / dense - 1, "target": target, "windows": int(windows.shape[0]),

@@ -1,14 +1,13 @@
 """--method auto, within one transform: measure every criterion x allocation at the recipe's target and mode on
-the held-apart calibration windows and keep the one with the lowest perplexity. The driver (passes.calibration)
+the held-apart calibration windows and keep the one with the lowest perplexity. The driver (passes.run_calibration)
 runs this once per candidate transform and keeps the best model; every measurement goes into the manifest, so the
 choice can be checked."""
 from __future__ import annotations
 
-from wina_cli.gating import ALLOCATIONS, plan_gates
-from wina_cli.perplexity import perplexity
+from wina_cli.gating import ALLOCATIONS
 from wina_cli.sparse import CRITERIA
 
-from .base import Pass, PassResult, PipelineState
+from .base import Pass, PassResult, PipelineState, held_apart_perplexity
 
 
 class SelectMethod(Pass):
@@ -22,22 +21,18 @@ class SelectMethod(Pass):
                             "did not see", "run tokenize with method auto")
 
     def call(self, state: PipelineState) -> PassResult:
-        sp, st, gs = state.recipe.sparsity, state.stats, state.gateset
-        windows = state.holdout_ids
-        gs.apply(None, st.col_norms, st.in_features)
-        dense = perplexity(state.model, windows, state.progress, f"dense [{state.transform}]")
+        sp = state.recipe.sparsity
+        dense = held_apart_perplexity(state, None, 0.0, f"dense [{state.transform}]")
         candidates = []
         for c in CRITERIA:
             for a in ALLOCATIONS:
-                gs.apply(plan_gates(st, state.allocation, c, sp.mode, a, sp.target), st.col_norms, st.in_features)
-                ppl = perplexity(state.model, windows, state.progress, f"{c}/{a} [{state.transform}]")
+                ppl = held_apart_perplexity(state, (c, sp.mode, a), sp.target, f"{c}/{a} [{state.transform}]")
                 candidates.append({"transform": state.transform, "criterion": c, "allocation": a, "ppl": ppl,
                                    "ppl_increase": ppl / dense - 1})
-        gs.apply(None, st.col_norms, st.in_features)
         best = min(candidates, key=lambda x: x["ppl"])
         state.choice = {"criterion": best["criterion"], "allocation": best["allocation"]}
         state.validation["select"] = {"dense_ppl": dense, "target": sp.target, "mode": sp.mode,
-                                      "tokens": int(windows.numel()), "candidates": candidates, "best": best}
+                                      "tokens": int(state.holdout_ids.numel()), "candidates": candidates, "best": best}
         return PassResult(True, {"criterion": best["criterion"], "allocation": best["allocation"]})
 
     def ensures(self, state: PipelineState, result: PassResult):

@@ -187,10 +187,11 @@ def test_budget_pass_records_its_search_and_sets_the_target(monkeypatch):
     # A random tiny model's perplexity does not rise with sparsity (it is near-uniform either way), so the model's
     # perplexity is replaced by a known curve of the target the pass planned last: the wiring is under test here,
     # the search itself above.
-    import passes.budget as budget
+    import wina_cli.gating as gating
+    import wina_cli.perplexity as perplexity
 
     last = {"t": 0.0}
-    real_plan = budget.plan_gates
+    real_plan = gating.plan_gates
 
     def plan(*args):
         last["t"] = args[-1]
@@ -200,8 +201,8 @@ def test_budget_pass_records_its_search_and_sets_the_target(monkeypatch):
         assert windows.shape[0] == 4
         return 100.0 * (1 + last["t"] ** 2)
 
-    monkeypatch.setattr(budget, "plan_gates", plan)
-    monkeypatch.setattr(budget, "perplexity", fake_ppl)
+    monkeypatch.setattr(gating, "plan_gates", plan)
+    monkeypatch.setattr(perplexity, "perplexity", fake_ppl)
     state = run_pipeline("llama", "none", **{"sparsity.max_ppl_increase": 0.05, "sparsity.mode": "topk",
                                              "holdout.num_samples": 4})
     b = state.validation["ppl_budget"]

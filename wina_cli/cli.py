@@ -429,8 +429,6 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
                     if realized:
                         row["requested_realized"] = want
                     runs.append(row)
-            results: dict = {}
-
             def ppl_at(t, c=c, a=a):
                 key = round(t, 6)
                 if key not in cache:
@@ -439,7 +437,7 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
                 return cache[key].ppl
 
             for b in budgets:
-                t, ppl = max_sparsity_within(ppl_at, dense[str(path)] * (1 + b), cache=results)
+                t, ppl = max_sparsity_within(ppl_at, dense[str(path)] * (1 + b))
                 found.append({"artifact": str(path), "transform": transform, "criterion": c, "allocation": a,
                               "max_ppl_increase": b, "target_sparsity": t, "ppl": ppl,
                               "realized_sparsity": round(cache[round(t, 6)].realized_model, 4)})
@@ -603,11 +601,10 @@ def inspect(
     cal = m.get("calibration", {})
     out.print(f"calibration: {cal.get('tokens')} tokens from {cal.get('path')} (sha256 "
               f"{str(cal.get('text_sha256'))[:16]}..., seed {cal.get('seed')})")
-    w = art.wina
-    if w.get("dense_prompt") or w.get("dense_first"):
-        out.print("gate policy: " + ", ".join((["prompt computed dense"] if w.get("dense_prompt") else []) +
-                                              ([f"first {w['dense_first']} tokens dense"] if w.get("dense_first")
-                                               else [])))
+    if art.wina.get("dense_prompt") or art.wina.get("dense_first"):
+        from .runtime import policy_text
+
+        out.print(f"gate policy: {policy_text(art.wina)}")
     val = m.get("validation", {})
     if "auto" in val:
         out.print(f"method auto: {val['auto']['reason']}")

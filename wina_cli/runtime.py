@@ -58,6 +58,13 @@ def read_gate_tensors(t: dict[str, torch.Tensor], wina_cfg: dict) -> tuple[Calib
     return stats, alloc, plan
 
 
+def policy_text(wina: dict) -> str:
+    """The gate policy of an artifact's wina block, in words."""
+    parts = (["dense prompt"] if wina.get("dense_prompt") else []) + \
+        ([f"first {wina['dense_first']} tokens dense"] if wina.get("dense_first") else [])
+    return ", ".join(parts) or "every token sparse"
+
+
 @dataclass
 class Runtime:
     model: torch.nn.Module
@@ -97,10 +104,7 @@ class Runtime:
         return max(int(w.get("dense_first", 0)), prompt_len if w.get("dense_prompt", False) else 0)
 
     def policy_text(self) -> str:
-        w = self.artifact.wina if self.artifact is not None else {}
-        parts = (["dense prompt"] if w.get("dense_prompt") else []) + \
-            ([f"first {w['dense_first']} tokens dense"] if w.get("dense_first") else [])
-        return ", ".join(parts) or "every token sparse"
+        return policy_text(self.artifact.wina if self.artifact is not None else {})
 
 
 def load_runtime(path: str | Path, dtype: str | None = None, verify: bool = True, partial: bool = False) -> Runtime:
