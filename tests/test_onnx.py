@@ -105,6 +105,36 @@ def test_native_kernel_claims_the_node(tmp_path):
     assert onnx_ops.GATED in ops and "Where" not in ops
 
 
+def _rows_model(op: str, n_in: int, n_out: int, **attrs) -> bytes:
+    m = onnx.load_from_string(_op_model(op, n_in, n_out, TensorProto.FLOAT, **attrs))
+    m.graph.input.append(helper.make_tensor_value_info("dense", TensorProto.BOOL, None))
+    m.graph.node[0].input.append("dense")
+    return m.SerializeToString()
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "function"])
+def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 5, 40)).astype(np.float32)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    scale = rng.random(40).astype(np.float32) + 0.1
+    dense = np.array([True, False, True, False, False])
+    feeds = {"X": x, "W": w, "scale": scale, "dense": dense}
+    thr = float(np.median(np.abs(x) * scale))
+    for op, kw, ref_kw in ((onnx_ops.GATED_ROWS, {"threshold": thr}, {"threshold": thr}),
+                           (onnx_ops.TOPK_ROWS, {"k": 13}, {"k": 13})):
+        _, keep = _reference(x, w, scale, **ref_kw)
+        keep = keep | dense[None, :, None]
+        ref = (x * keep) @ w
+        got = _run(_rows_model(op, 40, 24, **kw), use_native, feeds)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
+        np.testing.assert_allclose(got[:, 0], x[:, 0] @ w, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
+        assert np.abs(got[:, 1] - x[:, 1] @ w).max() > 1e-2, "an unflagged row must stay gated"
+    if use_native:  # one flag per position, or a clear error
+        with pytest.raises(Exception, match="one flag per position"):
+            _run(_rows_model(onnx_ops.GATED_ROWS, 40, 24, threshold=thr), True, {**feeds, "dense": dense[:3]})
+
+
 # -- graphs of every family --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def family_artifacts(tmp_path_factory):
@@ -141,7 +171,8 @@ def test_graph_of_every_family_validates(family, family_artifacts, tmp_path):
         kinds = {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN}
         assert (m["graph"]["gated_ops"] == 0) == dense
         assert kinds == (set() if dense else {onnx_ops.GATED})
-        assert {f.name for f in model.functions} == {onnx_ops.GATED, onnx_ops.TOPK}
+        assert {f.name for f in model.functions} == {onnx_ops.GATED, onnx_ops.TOPK, onnx_ops.GATED_ROWS,
+                                                     onnx_ops.TOPK_ROWS}
         names = [i.name for i in model.graph.input]
         assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.0.key" in names
         assert json.loads(dict((p.key, p.value) for p in model.metadata_props)["wina.manifest"])["gates"] == m["gates"]
@@ -245,6 +276,69 @@ def test_a_corrupted_graph_fails_validation(family_artifacts, tmp_path, monkeypa
         assert code == 9, err
         assert "drifts from the torch runtime" in " ".join(err.split())
         assert not out.exists() and not list(tmp_path.glob(f".{out.name}.partial-*"))
+
+
+@pytest.fixture(scope="module")
+def policy_artifacts(tmp_path_factory):
+    from wina_cli.cli import main
+
+    root = tmp_path_factory.mktemp("onnx-policies")
+    text = root / "calib.txt"
+    text.write_text(make_text(6000, 1))
+    src = save_tiny(root / "src", "llama")
+    out = {}
+    for name, flags in (("first", ["--dense-first", "4"]), ("prompt", ["--dense-prompt"])):
+        out[name] = root / name
+        with pytest.raises(SystemExit) as e:
+            main(["calibrate", "--model", str(src), "--data", str(text), "-o", str(out[name]), *CAL,
+                  "--sparsity", "0.5", *flags])
+        assert e.value.code == 0
+    return out
+
+
+@pytest.mark.parametrize("policy", ["first", "prompt"])
+def test_gate_policies_export_to_onnx(policy, policy_artifacts, tmp_path):
+    """A policy artifact exports with the dense-rows ops (validated on export against the torch runtime under
+    the same policy); run here, the positions the policy names come out exactly as the dense graph's and the
+    others do not."""
+    from exporters.onnx.export import export_onnx
+    from wina_cli.onnx_runtime import OnnxDecoder
+
+    m = export_onnx(str(policy_artifacts[policy]), str(tmp_path / "sparse"))
+    export_onnx(str(policy_artifacts[policy]), str(tmp_path / "dense"), dense=True)
+    pol = m["gates"]["policy"]
+    assert (pol["dense_first"], pol["dense_prompt"]) == ((4, False) if policy == "first" else (0, True))
+    model = onnx.load(str(tmp_path / "sparse" / "model.onnx"))
+    assert {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN} == {onnx_ops.GATED_ROWS}
+    assert ("dense_until" in [i.name for i in model.graph.input]) == (policy == "prompt")
+    for run in m["validation"]["runs"].values():
+        assert run["max_rel_delta"] <= m["validation"]["tolerance_rel"] and run["greedy_mismatches"] == 0
+
+    ids = np.array([[3, 5, 7, 11, 13, 17, 19, 23]], np.int64)
+    sparse, dense = OnnxDecoder(tmp_path / "sparse"), OnnxDecoder(tmp_path / "dense")
+    a, cache_a, mask_a = sparse.prefill(ids)
+    b, cache_b, mask_b = dense.prefill(ids)
+    n = 4 if policy == "first" else ids.shape[1]
+    tol = 1e-5 * np.abs(b).max()
+    np.testing.assert_allclose(a[:, :n], b[:, :n], rtol=0, atol=tol)
+    if policy == "first":
+        assert np.abs(a[:, n:] - b[:, n:]).max() > 100 * tol
+    step_a, _, _ = sparse.step(np.array([29]), cache_a, mask_a)
+    step_b, _, _ = dense.step(np.array([29]), cache_b, mask_b)
+    assert np.abs(step_a - step_b).max() > 100 * tol  # decode is sparse under both policies
+
+
+def test_a_graph_ignoring_the_policy_fails_validation(policy_artifacts, tmp_path, monkeypatch, capsys):
+    from exporters.onnx import graph as graph_mod
+
+    def never_dense(self, q_idx):
+        return self.b.op("Less", [q_idx, self.b.op("Squeeze", [self.b.i64(0), self.b.i64(0)])], "dense_rows")
+
+    monkeypatch.setattr(graph_mod.DecoderGraph, "_dense_rows", never_dense)
+    out = tmp_path / "onnx"
+    code, _, err = run_inproc(["export", policy_artifacts["first"], "--format", "onnx", "-o", out], capsys)
+    assert code == 9, err
+    assert "drifts from the torch runtime" in " ".join(err.split()) and not out.exists()
 
 
 # -- the command line --------------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ keep_i = |x_i| * scale_i > threshold (scale = the column norms ||W_orig[:, i]|| 
 `teal`). `ai.wina.TopKMatMul` keeps the k highest scores of each row instead. Both carry a model-local function
 body, so stock ONNX Runtime runs them on any execution provider; wina's native library registers kernels for the
 same domain and names, which then take precedence and read only the weight rows of kept channels.
+
+A gate policy (some token positions computed dense: the prompt, or the first N tokens) uses the `...DenseRows`
+variants, which take a fourth input `dense` bool [S], one flag per position of X [B, S, in]: a flagged row keeps
+every channel. They are separate ops rather than an optional input because a function body cannot test whether
+an optional input was given.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ DOMAIN_VERSION = 1
 OPSET = 17  # standard opset of the graph and of the function bodies
 GATED = "GatedMatMul"
 TOPK = "TopKMatMul"
+GATED_ROWS = "GatedMatMulDenseRows"
+TOPK_ROWS = "TopKMatMulDenseRows"
 
 
 def _ref_attr(name: str, ref: str, kind: int) -> onnx.AttributeProto:
@@ -31,8 +38,24 @@ def _constant_from_attr(out: str, attr: str, kind: str) -> onnx.NodeProto:
     return node
 
 
-def gated_matmul_function() -> onnx.FunctionProto:
-    nodes = [
+def _with_dense_rows(nodes: list[onnx.NodeProto], keep: str) -> list[onnx.NodeProto]:
+    """The same body with `keep` widened to every channel of the rows `dense` flags ([S] against X [B, S, in])."""
+    out = []
+    for n in nodes:
+        out.append(n)
+        if keep in n.output:
+            n.output[list(n.output).index(keep)] = keep + "_gate"
+            out += [helper.make_node("Constant", [], ["last"], value=helper.make_tensor("a", TensorProto.INT64, [1],
+                                                                                      [-1])),
+                    helper.make_node("Unsqueeze", ["dense", "last"], ["dense_col"]),
+                    helper.make_node("Cast", [keep + "_gate"], ["gate_bool"], to=TensorProto.BOOL),
+                    helper.make_node("Or", ["gate_bool", "dense_col"], ["keep_bool"]),
+                    helper.make_node("CastLike", ["keep_bool", keep + "_gate"], [keep])]
+    return out
+
+
+def _gated_nodes() -> list[onnx.NodeProto]:
+    return [
         helper.make_node("Abs", ["X"], ["absx"]),
         helper.make_node("Mul", ["absx", "scale"], ["score"]),
         _constant_from_attr("thr", "threshold", "value_float"),
@@ -42,12 +65,10 @@ def gated_matmul_function() -> onnx.FunctionProto:
         helper.make_node("CastLike", ["W", "X"], ["wf"]),
         helper.make_node("MatMul", ["xk", "wf"], ["Y"]),
     ]
-    return helper.make_function(DOMAIN, GATED, ["X", "W", "scale"], ["Y"], nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=["threshold"])
 
 
-def topk_matmul_function() -> onnx.FunctionProto:
-    nodes = [
+def _topk_nodes() -> list[onnx.NodeProto]:
+    return [
         helper.make_node("Abs", ["X"], ["absx"]),
         helper.make_node("Mul", ["absx", "scale"], ["score"]),
         _constant_from_attr("k0", "k", "value_int"),
@@ -65,9 +86,16 @@ def topk_matmul_function() -> onnx.FunctionProto:
         helper.make_node("CastLike", ["W", "X"], ["wf"]),
         helper.make_node("MatMul", ["xk", "wf"], ["Y"]),
     ]
-    return helper.make_function(DOMAIN, TOPK, ["X", "W", "scale"], ["Y"], nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=["k"])
+
+
+def _function(name: str, nodes: list[onnx.NodeProto], attr: str, dense_rows: bool) -> onnx.FunctionProto:
+    inputs = ["X", "W", "scale"] + (["dense"] if dense_rows else [])
+    if dense_rows:
+        nodes = _with_dense_rows(nodes, "keep")
+    return helper.make_function(DOMAIN, name, inputs, ["Y"], nodes, [helper.make_opsetid("", OPSET)],
+                                attributes=[attr])
 
 
 def functions() -> list[onnx.FunctionProto]:
-    return [gated_matmul_function(), topk_matmul_function()]
+    return [_function(GATED, _gated_nodes(), "threshold", False), _function(TOPK, _topk_nodes(), "k", False),
+            _function(GATED_ROWS, _gated_nodes(), "threshold", True), _function(TOPK_ROWS, _topk_nodes(), "k", True)]

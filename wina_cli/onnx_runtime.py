@@ -124,6 +124,9 @@ class OnnxDecoder:
         self.extra_outputs = list(extra_outputs or [])
         self.output_names = ["logits"] + self.present_names + self.extra_outputs
         self.extra: dict[str, np.ndarray] = {}  # the extra outputs of the last run
+        # A graph whose gate policy keeps the prompt dense takes the prompt's length on every call.
+        self.takes_prompt_len = any(i.name == "dense_until" for i in self.session.get_inputs())
+        self.prompt_len = 0  # set by prefill
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
@@ -133,6 +136,8 @@ class OnnxDecoder:
             cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                  "position_ids": position_ids.astype(np.int64), **cache}
+        if self.takes_prompt_len:
+            feeds["dense_until"] = np.array(self.prompt_len, np.int64)
         outs = self.session.run(self.output_names, feeds)
         n = 1 + len(self.present_names)
         new_cache = {p: v for p, v in zip(self.past_names, outs[1:n])}
@@ -142,6 +147,7 @@ class OnnxDecoder:
     def prefill(self, ids: np.ndarray):
         """ids [batch, seq] -> logits [batch, seq, vocab], cache, attention mask."""
         b, s = ids.shape
+        self.prompt_len = s
         mask = np.ones((b, s), np.int64)
         pos = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s))
         logits, cache = self.run(ids, mask, pos, self.empty_cache(b))

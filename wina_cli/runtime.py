@@ -99,9 +99,14 @@ class Runtime:
         self.use_plan(None)
 
     # Gate policy, from the artifact's recipe: the prompt computed dense, and/or the first N tokens.
-    def dense_until_policy(self, prompt_len: int = 0) -> int:
+    def gate_policy(self) -> tuple[int, bool]:
+        """(N: the first N tokens dense, whether the prompt is dense)."""
         w = self.artifact.wina if self.artifact is not None else {}
-        return max(int(w.get("dense_first", 0)), prompt_len if w.get("dense_prompt", False) else 0)
+        return int(w.get("dense_first", 0) or 0), bool(w.get("dense_prompt", False))
+
+    def dense_until_policy(self, prompt_len: int = 0) -> int:
+        first, prompt = self.gate_policy()
+        return max(first, prompt_len if prompt else 0)
 
     def policy_text(self) -> str:
         return policy_text(self.artifact.wina if self.artifact is not None else {})

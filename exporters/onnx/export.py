@@ -18,7 +18,7 @@ import torch
 from wina_cli import native, probe
 from wina_cli import onnx_ops as ops
 from wina_cli.artifact import MANIFEST, atomic_folder, file_table, read_artifact, sha256_file
-from wina_cli.errors import NotAvailableError, ConfigError, ValidationError
+from wina_cli.errors import ConfigError, ValidationError
 from wina_cli.onnx_runtime import ONNX_MANIFEST, ONNX_MODEL, OnnxDecoder
 from wina_cli.runtime import Runtime, load_runtime
 
@@ -124,6 +124,9 @@ def validate(model_path: Path, rt: Runtime, gated: list[tuple[int, str, str]], s
     artifact's function and that every op kept the channels the gate rule keeps for the input it saw. The
     free-running comparison is reported beside it."""
     prompt = probe.probe_ids(rt.model.config.vocab_size, seed, batch=batch, seq_len=prompt_len)
+    # The reference applies the artifact's gate policy to the same prompt (the graph's dense_until input is fed
+    # the prompt's length by the decoder); a graph that ignored the policy then fails the replay below.
+    rt.gateset.set_dense_until(rt.dense_until_policy(prompt_len) if gated else 0)
     ids, free_ref = reference_run(rt, prompt, decode_steps)
     tol = TOLERANCE
     result = {"reference": "torch runtime", "prompt_tokens": prompt_len, "decode_steps": decode_steps,
@@ -166,6 +169,7 @@ def validate(model_path: Path, rt: Runtime, gated: list[tuple[int, str, str]], s
             result["runs"][label] = cmp
             _check(label, cmp, tol, " replaying its own gate decisions")
     finally:
+        rt.gateset.set_dense_until(0)
         if probe_path != model_path:
             probe_path.unlink(missing_ok=True)
     return result
@@ -203,11 +207,6 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
                           f"the graph stores {' or '.join(WEIGHT_DTYPES)} weights", "pass --dtype float32 or float16")
     src = read_artifact(artifact)
     rt = load_runtime(artifact, dtype="float32")
-    if rt.dense_until_policy() and not dense:
-        raise NotAvailableError(
-            f"the artifact's gate policy ({rt.policy_text()}) cannot be exported to ONNX yet",
-            "the ai.wina ops gate every token; keeping some positions dense needs a position input the exported "
-            "ops do not have", "export with --dense, or recalibrate without --dense-prompt / --dense-first")
     plan = rt.default_plan
     if sparsity is not None:
         plan = rt.plan_for(plan.criterion, plan.mode, plan.allocation, sparsity)
@@ -230,6 +229,10 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
                   "num_kv_heads": builder.kv_heads, "head_dim": builder.head_dim, "vocab_size": int(cfg.vocab_size),
                   "model_type": cfg.model_type},
     }
+    if builder.has_policy:
+        manifest["gates"]["policy"] = {"text": rt.policy_text(), "dense_first": builder.dense_first,
+                                       "dense_prompt": builder.dense_prompt,
+                                       "input": "dense_until" if builder.dense_prompt else None}
     with atomic_folder(output, overwrite) as tmp:
         save_model(model, tmp, external_above)
         manifest["validation"] = validate(tmp / ONNX_MODEL, rt, builder.b.gated, seed, decode_steps, log=log)

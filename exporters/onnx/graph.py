@@ -5,7 +5,8 @@ are, the family's few differences are flags), deterministic, and every projectio
 `ai.wina` gated op or a plain MatMul, with its weight stored [in, out].
 
 Inputs: input_ids [batch, seq], attention_mask [batch, past + seq], position_ids [batch, seq],
-past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim]. Outputs: logits [batch, seq, vocab],
+past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim], and for an artifact whose gate policy keeps the
+prompt dense, dense_until [] int64 (the prompt's length: positions before it are computed dense). Outputs: logits [batch, seq, vocab],
 present.{i}.key/.value [batch, kv_heads, past + seq, head_dim]. Activations are float32; weights float32 or
 float16 (cast on use by plain MatMuls, read directly by the native kernels).
 """
@@ -123,6 +124,10 @@ class DecoderGraph:
         self.heads = int(self.cfg.num_attention_heads)
         self.kv_heads = int(getattr(self.cfg, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(attn0.head_dim)
+        # Gate policy: positions below max(first N, the dense_until input) are computed dense.
+        self.dense_first, self.dense_prompt = (0, False) if dense else rt.gate_policy()
+        self.has_policy = self.dense_first > 0 or self.dense_prompt
+        self.dense_rows: str | None = None  # bool [seq]: which positions of this call are dense
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def _linear(self, l: int, layer, proj: str, x: str) -> str:
@@ -142,11 +147,14 @@ class DecoderGraph:
         else:
             scale = gate.scale if gate.scale is not None else torch.ones(n_in)
             sname = b.f32(f"layers.{l}.{proj}.scale", scale)
+            args = [x, wname, sname] + ([self.dense_rows] if self.dense_rows else [])
             if gate.mode == "topk" and gate.k > 0:
-                y = b.op(ops.TOPK, [x, wname, sname], f"l{l}_{proj}", domain=ops.DOMAIN, k=int(gate.k))
+                y = b.op(ops.TOPK_ROWS if self.dense_rows else ops.TOPK, args, f"l{l}_{proj}", domain=ops.DOMAIN,
+                         k=int(gate.k))
             else:
                 thr = math.inf if gate.mode == "topk" else float(gate.threshold)  # k = 0 keeps nothing
-                y = b.op(ops.GATED, [x, wname, sname], f"l{l}_{proj}", domain=ops.DOMAIN, threshold=thr)
+                y = b.op(ops.GATED_ROWS if self.dense_rows else ops.GATED, args, f"l{l}_{proj}", domain=ops.DOMAIN,
+                         threshold=thr)
             b.counts["gated"] += 1
             b.gated.append((l, proj, x))
         if bias is not None:
@@ -200,8 +208,9 @@ class DecoderGraph:
             self.b._consts[name] = self.b.init(name, r)
         return self.b._consts[name]
 
-    def _masks(self, attention_mask: str, past_key: str, input_ids: str, windows: set) -> dict:
-        """Boolean masks [batch, 1, seq, past + seq]: causal, padding and, where set, a sliding window."""
+    def _masks(self, attention_mask: str, past_key: str, input_ids: str, windows: set) -> tuple[dict, str]:
+        """Boolean masks [batch, 1, seq, past + seq]: causal, padding and, where set, a sliding window; and the
+        positions of this call's tokens [seq] (past, ..., past + seq - 1)."""
         b = self.b
         past = b.op("Shape", [past_key], "past_len", start=2, end=3)
         seq = b.op("Shape", [input_ids], "seq_len", start=1, end=2)
@@ -221,7 +230,15 @@ class DecoderGraph:
                 lo = b.op("Sub", [q_col, b.i64(int(w))])
                 allowed = b.op("And", [causal, b.op("Greater", [kv_row, lo])], "window")
             masks[w] = b.op("And", [allowed, pad], "mask")
-        return masks
+        return masks, q_idx
+
+    def _dense_rows(self, q_idx: str) -> str:
+        """bool [seq]: the positions the gate policy computes dense."""
+        b = self.b
+        until = b.i64(self.dense_first)
+        if self.dense_prompt:
+            until = b.op("Max", [b.op("Reshape", ["dense_until", b.i64(1)], "prompt_len"), until], "dense_until")
+        return b.op("Less", [q_idx, b.op("Squeeze", [until, b.i64(0)])], "dense_rows")
 
     def _sliding_window(self, layer):
         attn = self.adapter.attn(layer)
@@ -301,6 +318,8 @@ class DecoderGraph:
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32,
                                                             ["batch", KV, "past", D]))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32, ["batch", KV, "total", D]))
+        if self.dense_prompt:
+            inputs.append(helper.make_tensor_value_info("dense_until", i64, []))
 
         emb = ad.embedding()
         h = b.op("Gather", [b.weight("embed_tokens.weight", emb.weight), "input_ids"], "embed", axis=0)
@@ -310,7 +329,9 @@ class DecoderGraph:
             h = b.op("Mul", [h, b.scalar(float(torch.as_tensor(scale).to(emb.weight.dtype)))], "embed_scaled")
         tables = self._rope_tables("position_ids")
         windows = {self._sliding_window(layer) for layer in ad.layers()}
-        masks = self._masks("attention_mask", "past_key_values.0.key", "input_ids", windows)
+        masks, q_idx = self._masks("attention_mask", "past_key_values.0.key", "input_ids", windows)
+        if self.has_policy:
+            self.dense_rows = self._dense_rows(q_idx)
         for l, layer in enumerate(ad.layers()):
             past_k, past_v = f"past_key_values.{l}.key", f"past_key_values.{l}.value"
 

@@ -3,6 +3,8 @@
 //   GatedMatMul(X[..., in] f32, W[in, out] f32|f16, scale[in] f32) attr threshold: keep |x_i|*scale_i > threshold
 //   TopKMatMul (same inputs)                                         attr k: keep the k highest scores per row
 //   Y[..., out] = sum over kept i of x_i * W[i, :]
+//   GatedMatMulDenseRows / TopKMatMulDenseRows: a fourth input dense[S] bool (X [..., S, in]) flags the positions
+//   whose rows keep every channel (a gate policy: the prompt, or the first tokens, computed dense)
 //
 // The point of the kernel is what it does not read: with W stored [in, out], each input channel's weights are one
 // contiguous row, and a dropped channel's row is never touched. Work is split over output columns (each task
@@ -34,6 +36,12 @@ struct Kept {
   std::vector<int32_t> idx;
   std::vector<float> val;
 };
+
+void keep_all(const float* x, int64_t n, Kept& out) {
+  out.idx.resize(n);
+  out.val.assign(x, x + n);
+  for (int64_t i = 0; i < n; ++i) out.idx[i] = static_cast<int32_t>(i);
+}
 
 void keep_threshold(const float* x, const float* scale, int64_t n, float thr, Kept& out) {
   out.idx.clear();
@@ -251,9 +259,23 @@ struct GatedKernel {
     if (nrows == 0 || out == 0) return;
     const float* xp = args.x;
     const float* sp = args.scale;
+    const bool* dense = nullptr;
+    int64_t positions = 1;
+    if (ctx.GetInputCount() > 3) {
+      auto d = ctx.GetInput(3);
+      const auto dshape = d.GetTensorTypeAndShapeInfo().GetShape();
+      const auto xshape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
+      if (dshape.size() != 1 || xshape.size() < 2 || dshape[0] != xshape[xshape.size() - 2])
+        ORT_CXX_API_THROW("ai.wina gated matmul: dense[S] must have one flag per position of X[..., S, in]",
+                          ORT_INVALID_ARGUMENT);
+      dense = d.GetTensorData<bool>();
+      positions = dshape[0];
+    }
     rows.resize(nrows);
     for (int64_t r = 0; r < nrows; ++r) {
-      if (topk)
+      if (dense != nullptr && dense[r % positions])
+        keep_all(xp + r * in, in, rows[r]);
+      else if (topk)
         keep_topk(xp + r * in, sp, in, k, tmp, rows[r]);
       else
         keep_threshold(xp + r * in, sp, in, threshold, rows[r]);
@@ -291,13 +313,16 @@ struct GatedOp : Ort::CustomOpBase<GatedOp<Kernel>, Kernel> {
   const char* name;
   const char* provider;
   bool topk;
-  GatedOp(const char* op_name, const char* ep, bool is_topk) : name(op_name), provider(ep), topk(is_topk) {}
+  bool dense_rows;  // the ...DenseRows variant: a fourth input dense[S]
+  GatedOp(const char* op_name, const char* ep, bool is_topk, bool with_dense_rows = false)
+      : name(op_name), provider(ep), topk(is_topk), dense_rows(with_dense_rows) {}
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new Kernel(info, topk); }
   const char* GetName() const { return name; }
   const char* GetExecutionProviderType() const { return provider; }
-  size_t GetInputTypeCount() const { return 3; }
+  size_t GetInputTypeCount() const { return dense_rows ? 4 : 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     // W may be float32 or float16; the kernel checks which at run time.
+    if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   size_t GetOutputTypeCount() const { return 1; }
@@ -306,6 +331,8 @@ struct GatedOp : Ort::CustomOpBase<GatedOp<Kernel>, Kernel> {
 
 GatedOp<GatedKernel> g_gated("GatedMatMul", "CPUExecutionProvider", false);
 GatedOp<GatedKernel> g_topk("TopKMatMul", "CPUExecutionProvider", true);
+GatedOp<GatedKernel> g_gated_rows("GatedMatMulDenseRows", "CPUExecutionProvider", false, true);
+GatedOp<GatedKernel> g_topk_rows("TopKMatMulDenseRows", "CPUExecutionProvider", true, true);
 
 #ifdef WINA_WITH_CUDA
 }  // namespace
@@ -349,6 +376,8 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     Ort::CustomOpDomain domain("ai.wina");
     domain.Add(&g_gated);
     domain.Add(&g_topk);
+    domain.Add(&g_gated_rows);
+    domain.Add(&g_topk_rows);
 #ifdef WINA_WITH_CUDA
     domain.Add(&g_cuda_gated);
 #endif
