@@ -383,6 +383,20 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     assert e["native_kernels"] and e["native_kernels_load"] is True
 
 
+def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_path):
+    from exporters.onnx.export import export_onnx
+    from wina_cli.bench.speed import time_decode
+
+    export_onnx(str(family_artifacts["llama"]), str(tmp_path / "onnx"))
+    ids = np.array([3, 5, 7, 11], np.int64)
+    runs = time_decode({"a": tmp_path / "onnx", "b": tmp_path / "onnx"}, ids, steps=5, warmup=2, burst=3)
+    for r in runs.values():
+        # 5 timed steps: bursts of 3 whose first step is never timed, after 2 warm-up steps
+        assert r.steps == 5 and r.ms_per_token > 0 and r.peak_rss_mb > 0
+        assert len(r.tokens) == 1 + 9  # the prefill's token, then 3 bursts (timed: 1 + 2 + 2)
+    assert runs["a"].tokens == runs["b"].tokens  # the same greedy decode, whichever turn it ran in
+
+
 def test_kernel_microbenchmark_reports_ratios():
     from wina_cli.bench.speed import kernel_bench
 

@@ -484,10 +484,8 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
 
         tok = AutoTokenizer.from_pretrained(str(onnx), local_files_only=True)
         ids = np.asarray(tok(prompt).input_ids, dtype=np.int64)
-        runs = {}
-        for label, folder in (("dense", onnx_dense), ("sparse", onnx)):
-            progress(f"decoding with the {label} export ({warmup} warm-up + {steps} timed steps)")
-            runs[label] = speed.time_decode(folder, ids, steps, warmup, label, threads=threads)
+        progress(f"decoding with the dense and the sparse export in turns ({warmup} warm-up + {steps} steps each)")
+        runs = speed.time_decode({"dense": onnx_dense, "sparse": onnx}, ids, steps, warmup, threads=threads)
         # the torch runtime only after the timed runs, so their peak memory is ONNX Runtime's and not torch's
         rt = load_runtime(artifact)
         g = sparse_manifest["gates"]
@@ -521,7 +519,8 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
     if json_out:
         _emit_json(result)
         return
-    t = Table(title=f"wina bench: batch-1 decode, {steps} timed steps after {warmup} warm-up "
+    t = Table(title=f"wina bench: batch-1 decode, dense and sparse in turns, {steps} timed steps after {warmup} "
+                    f"warm-up "
                     f"(sparse: {g['criterion']}/{g['allocation']} target {g['target']}, realized {model_realized:.3f})")
     for c in ("export", "ms/token", "tokens/s", "speedup", "weight GB/token", "GB/s", "peak RSS MB"):
         t.add_column(c, justify="left" if c == "export" else "right")

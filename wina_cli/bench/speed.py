@@ -25,39 +25,61 @@ class DecodeResult:
     label: str
     ms_per_token: float  # median over the timed steps
     tokens_per_s: float
-    steps: int
+    steps: int  # steps timed (not the first of a burst)
     prefill_ms: float
     peak_rss_mb: float
     native_library: str | None
     tokens: list[int]
 
 
-def time_decode(folder: str | Path, prompt_ids: np.ndarray, steps: int, warmup: int, label: str,
-                use_native: bool = True, threads: int | None = None) -> DecodeResult:
-    """Greedy batch-1 decode: `warmup` steps untimed, then `steps` timed steps, one token each."""
+def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: int, warmup: int,
+                threads: int | None = None, burst: int = 8) -> dict[str, DecodeResult]:
+    """Greedy batch-1 decode of each export: `warmup` steps untimed, then until `steps` steps are timed.
+
+    The exports take turns burst by burst (`burst` steps each) in one process, so drift in the machine's speed,
+    which on a shared VM moves a sequential run by 10-20%, falls on all of them alike. The first step of a burst
+    is not timed: the previous export's pool threads may still be spinning on the cores. Peak memory is read in
+    a first pass that runs each export alone (prefill and warm-up), where the high-water mark is its own."""
+    memory, prefill = {}, {}
+    for label, folder in folders.items():
+        gc.collect()
+        reset_peak_rss()
+        dec = OnnxDecoder(folder, "cpu", threads=threads)
+        t0 = time.perf_counter()
+        logits, cache, mask = dec.prefill(prompt_ids[None, :])
+        prefill[label] = (time.perf_counter() - t0) * 1e3
+        tok = int(logits[0, -1].argmax())
+        for _ in range(warmup):
+            logits, cache, mask = dec.step(np.array([tok]), cache, mask)
+            tok = int(logits[0].argmax())
+        memory[label] = peak_rss_mb()
+        del dec, cache
     gc.collect()
-    reset_peak_rss()
-    dec = OnnxDecoder(folder, "cpu", use_native=use_native, threads=threads)
-    t0 = time.perf_counter()
-    logits, cache, mask = dec.prefill(prompt_ids[None, :])
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-    tok = int(logits[0, -1].argmax())
-    tokens = [tok]
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        logits, cache, mask = dec.step(np.array([tok]), cache, mask)
-        dt = time.perf_counter() - t
-        tok = int(logits[0].argmax())
-        tokens.append(tok)
-        if i >= warmup:
-            times.append(dt)
-    med = statistics.median(times)
-    res = DecodeResult(label, med * 1e3, 1.0 / med, steps, prefill_ms, peak_rss_mb(), dec.info.native_library,
-                       tokens)
-    del dec, cache
+    state = {}
+    for label, folder in folders.items():
+        dec = OnnxDecoder(folder, "cpu", threads=threads)
+        logits, cache, mask = dec.prefill(prompt_ids[None, :])
+        tok = int(logits[0, -1].argmax())
+        state[label] = {"dec": dec, "cache": cache, "mask": mask, "tokens": [tok], "times": []}
+    ran = 0  # steps each export has run
+    while min(len(st["times"]) for st in state.values()) < steps:
+        for st in state.values():
+            for i in range(burst):
+                t = time.perf_counter()
+                logits, st["cache"], st["mask"] = st["dec"].step(np.array([st["tokens"][-1]]), st["cache"], st["mask"])
+                dt = time.perf_counter() - t
+                st["tokens"].append(int(logits[0].argmax()))
+                if ran + i >= warmup and i > 0 and len(st["times"]) < steps:
+                    st["times"].append(dt)
+        ran += burst
+    out = {}
+    for label, st in state.items():
+        med = statistics.median(st["times"])
+        out[label] = DecodeResult(label, med * 1e3, 1.0 / med, len(st["times"]), prefill[label], memory[label],
+                                  st["dec"].info.native_library, st["tokens"])
+    del state
     gc.collect()
-    return res
+    return out
 
 
 # -- kernel microbenchmark ---------------------------------------------------------------------------------------
