@@ -130,6 +130,9 @@ def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
         np.testing.assert_allclose(got[:, 0], x[:, 0] @ w, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
         assert np.abs(got[:, 1] - x[:, 1] @ w).max() > 1e-2, "an unflagged row must stay gated"
+        # every position flagged (a dense prompt): the native kernel hands the call to ONNX Runtime's MatMul
+        every = _run(_rows_model(op, 40, 24, **kw), use_native, {**feeds, "dense": np.ones(5, bool)})
+        np.testing.assert_allclose(every, x @ w, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
     if use_native:  # one flag per position, or a clear error
         with pytest.raises(Exception, match="one flag per position"):
             _run(_rows_model(onnx_ops.GATED_ROWS, 40, 24, threshold=thr), True, {**feeds, "dense": dense[:3]})
@@ -376,6 +379,7 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     b = as_json(r.stdout)
     assert set(b["decode_tokens_per_s"]) == {"dense", "sparse"} and b["decode_tokens_per_s"]["sparse"] > 0
     assert b["kernel"] == [] and 0 < b["realized_sparsity_decode"] < 1
+    assert b["prefill_tokens"] == 256 and all(v > 0 for v in b["prefill_ms"].values())
     assert b["weight_bytes_per_token"]["sparse"] < b["weight_bytes_per_token"]["dense"]
 
     r = run_sub(["env", "--json"])
@@ -389,8 +393,10 @@ def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_
 
     export_onnx(str(family_artifacts["llama"]), str(tmp_path / "onnx"))
     ids = np.array([3, 5, 7, 11], np.int64)
-    runs = time_decode({"a": tmp_path / "onnx", "b": tmp_path / "onnx"}, ids, steps=5, warmup=2, burst=3)
+    runs = time_decode({"a": tmp_path / "onnx", "b": tmp_path / "onnx"}, ids, steps=5, warmup=2, burst=3,
+                       prefill_ids=np.resize(ids, 32))
     for r in runs.values():
+        assert r.prefill_ms > 0
         # 5 timed steps: bursts of 3 whose first step is never timed, after 2 warm-up steps
         assert r.steps == 5 and r.ms_per_token > 0 and r.peak_rss_mb > 0
         assert len(r.tokens) == 1 + 9  # the prefill's token, then 3 bursts (timed: 1 + 2 + 2)

@@ -286,6 +286,8 @@ def bench(
     decode_steps: int = typer.Option(64, "--decode-steps", help="Speed: timed decode steps per run."),
     warmup: int = typer.Option(8, "--warmup", help="Speed: untimed decode steps before timing."),
     prompt: str = typer.Option("The history of the printing press begins", "--prompt", help="Speed: the prompt."),
+    prefill_tokens: int = typer.Option(256, "--prefill-tokens", help="Speed: also time the prefill of a prompt "
+                                       "this long (the prompt repeated); 0 skips it."),
     kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Speed: also run the kernel microbenchmark."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
@@ -316,7 +318,8 @@ def bench(
         if len(artifacts) != 1:
             raise ConfigError("--onnx benchmarks one artifact", "the speed run compares one sparse export with the "
                               "dense export of the same artifact", "pass exactly one artifact")
-        return _bench_speed(artifacts[0], onnx, onnx_dense, decode_steps, warmup, prompt, kernel, threads, json_out)
+        return _bench_speed(artifacts[0], onnx, onnx_dense, decode_steps, warmup, prompt, prefill_tokens, kernel,
+                            threads, json_out)
     if data is None:
         raise ConfigError("nothing to benchmark", "`wina bench` measures quality on --data TEXT, or speed with "
                           "--onnx EXPORT", "pass --data (e.g. assets/kjv.jsonl) or --onnx")
@@ -449,7 +452,7 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
 
 
 def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: int, warmup: int, prompt: str,
-                 kernel: bool, threads: Optional[int], json_out: bool) -> None:
+                 prefill_tokens: int, kernel: bool, threads: Optional[int], json_out: bool) -> None:
     import tempfile
 
     import numpy as np
@@ -459,9 +462,9 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
     from .onnx_runtime import read_onnx_manifest
     from .runtime import load_runtime
 
-    if steps < 1 or warmup < 0:
-        raise ConfigError("--decode-steps must be positive and --warmup not negative", "the timed loop needs steps",
-                          "pass e.g. --decode-steps 64 --warmup 8")
+    if steps < 1 or warmup < 0 or prefill_tokens < 0:
+        raise ConfigError("--decode-steps must be positive, --warmup and --prefill-tokens not negative",
+                          "the timed loop needs steps", "pass e.g. --decode-steps 64 --warmup 8 --prefill-tokens 256")
     if native.cpu_library() is None:
         raise NotAvailableError("wina's native kernels are not built", "the speed benchmark compares them with "
                                 "ONNX Runtime's dense MatMul", "run `make native` (part of `make setup`)")
@@ -484,8 +487,11 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
 
         tok = AutoTokenizer.from_pretrained(str(onnx), local_files_only=True)
         ids = np.asarray(tok(prompt).input_ids, dtype=np.int64)
-        progress(f"decoding with the dense and the sparse export in turns ({warmup} warm-up + {steps} steps each)")
-        runs = speed.time_decode({"dense": onnx_dense, "sparse": onnx}, ids, steps, warmup, threads=threads)
+        long_ids = np.resize(ids, prefill_tokens) if prefill_tokens else None
+        progress(f"decoding with the dense and the sparse export in turns ({warmup} warm-up + {steps} steps each)"
+                 + (f", then prefilling {prefill_tokens} tokens" if prefill_tokens else ""))
+        runs = speed.time_decode({"dense": onnx_dense, "sparse": onnx}, ids, steps, warmup, threads=threads,
+                                 prefill_ids=long_ids)
         # the torch runtime only after the timed runs, so their peak memory is ONNX Runtime's and not torch's
         rt = load_runtime(artifact)
         g = sparse_manifest["gates"]
@@ -511,7 +517,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         "weight_bytes_per_token": read,
         "weight_gb_per_s": {k: read[k] / (runs[k].ms_per_token / 1e3) / 1e9 for k in read},
         "peak_rss_mb": {"dense": d.peak_rss_mb, "sparse": s_.peak_rss_mb},
-        "prefill_ms": {"dense": d.prefill_ms, "sparse": s_.prefill_ms},
+        "prefill_tokens": prefill_tokens, "prefill_ms": {"dense": d.prefill_ms, "sparse": s_.prefill_ms},
         "realized_sparsity_decode": model_realized,
         "same_tokens": d.tokens == s_.tokens,
         "kernel": kernel_rows,
@@ -529,6 +535,9 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
                   f"{read[k] / 1e9:.3f}", f"{result['weight_gb_per_s'][k]:.1f}",
                   f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-")
     out.print(t)
+    if prefill_tokens:
+        out.print(f"prefill of {prefill_tokens} tokens (exports in turns, median of 3): dense {d.prefill_ms:.1f} ms, "
+                  f"sparse {s_.prefill_ms:.1f} ms ({d.prefill_ms / s_.prefill_ms:.2f}x)")
     if kernel_rows:
         kt = Table(title="gated kernel vs ONNX Runtime dense MatMul (fp32, batch 1, W [in, out])")
         for c in ("shape", "sparsity", "dense ms", "sparse ms", "speedup", "ideal 1/(1-s)", "sparse GB/s"):

@@ -6,9 +6,9 @@ are, the family's few differences are flags), deterministic, and every projectio
 
 Inputs: input_ids [batch, seq], attention_mask [batch, past + seq], position_ids [batch, seq],
 past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim], and for an artifact whose gate policy keeps the
-prompt dense, dense_until [] int64 (the prompt's length: positions before it are computed dense). Outputs: logits [batch, seq, vocab],
-present.{i}.key/.value [batch, kv_heads, past + seq, head_dim]. Activations are float32; weights float32 or
-float16 (cast on use by plain MatMuls, read directly by the native kernels).
+prompt dense, dense_until [] int64 (the prompt's length: positions before it are computed dense). Outputs:
+logits [batch, seq, vocab], present.{i}.key/.value [batch, kv_heads, past + seq, head_dim]. Activations are
+float32; weights float32 or float16 (cast on use by plain MatMuls, read directly by the native kernels).
 """
 from __future__ import annotations
 

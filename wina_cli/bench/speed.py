@@ -26,28 +26,29 @@ class DecodeResult:
     ms_per_token: float  # median over the timed steps
     tokens_per_s: float
     steps: int  # steps timed (not the first of a burst)
-    prefill_ms: float
+    prefill_ms: float | None  # median prefill of the long prompt, exports taking turns (None: not asked)
     peak_rss_mb: float
     native_library: str | None
     tokens: list[int]
 
 
 def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: int, warmup: int,
-                threads: int | None = None, burst: int = 8) -> dict[str, DecodeResult]:
+                threads: int | None = None, burst: int = 8, prefill_ids: np.ndarray | None = None,
+                prefill_rounds: int = 3) -> dict[str, DecodeResult]:
     """Greedy batch-1 decode of each export: `warmup` steps untimed, then until `steps` steps are timed.
 
     The exports take turns burst by burst (`burst` steps each) in one process, so drift in the machine's speed,
     which on a shared VM moves a sequential run by 10-20%, falls on all of them alike. The first step of a burst
     is not timed: the previous export's pool threads may still be spinning on the cores. Peak memory is read in
-    a first pass that runs each export alone (prefill and warm-up), where the high-water mark is its own."""
-    memory, prefill = {}, {}
+    a first pass that runs each export alone (prefill and warm-up), where the high-water mark is its own.
+    `prefill_ids`, if given, is a longer prompt whose prefill is timed afterwards, exports again taking turns
+    (`prefill_rounds` each, after one untimed)."""
+    memory = {}
     for label, folder in folders.items():
         gc.collect()
         reset_peak_rss()
         dec = OnnxDecoder(folder, "cpu", threads=threads)
-        t0 = time.perf_counter()
         logits, cache, mask = dec.prefill(prompt_ids[None, :])
-        prefill[label] = (time.perf_counter() - t0) * 1e3
         tok = int(logits[0, -1].argmax())
         for _ in range(warmup):
             logits, cache, mask = dec.step(np.array([tok]), cache, mask)
@@ -66,16 +67,26 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
         for st in state.values():
             for i in range(burst):
                 t = time.perf_counter()
-                logits, st["cache"], st["mask"] = st["dec"].step(np.array([st["tokens"][-1]]), st["cache"], st["mask"])
+                logits, st["cache"], st["mask"] = st["dec"].step(np.array([st["tokens"][-1]]), st["cache"],
+                                                                 st["mask"])
                 dt = time.perf_counter() - t
                 st["tokens"].append(int(logits[0].argmax()))
                 if ran + i >= warmup and i > 0 and len(st["times"]) < steps:
                     st["times"].append(dt)
         ran += burst
+    prefill = {label: [] for label in state}
+    if prefill_ids is not None:
+        for r in range(prefill_rounds + 1):
+            for label, st in state.items():
+                t = time.perf_counter()
+                st["dec"].prefill(prefill_ids[None, :])
+                if r > 0:
+                    prefill[label].append((time.perf_counter() - t) * 1e3)
     out = {}
     for label, st in state.items():
         med = statistics.median(st["times"])
-        out[label] = DecodeResult(label, med * 1e3, 1.0 / med, len(st["times"]), prefill[label], memory[label],
+        out[label] = DecodeResult(label, med * 1e3, 1.0 / med, len(st["times"]),
+                                  statistics.median(prefill[label]) if prefill[label] else None, memory[label],
                                   st["dec"].info.native_library, st["tokens"])
     del state
     gc.collect()

@@ -217,6 +217,7 @@ struct GatedArgs {
   const float* scale;
   float* y;
   int64_t rows, in, out;
+  OrtValue* y_value;
 };
 
 GatedArgs read_args(Ort::KernelContext& ctx) {
@@ -237,7 +238,8 @@ GatedArgs read_args(Ort::KernelContext& ctx) {
   yshape.back() = wshape[1];
   auto y = ctx.GetOutput(0, yshape);
   return {x.GetTensorData<float>(), w.GetTensorRawData(), wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-          scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, wshape[0], wshape[1]};
+          scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, wshape[0], wshape[1],
+          static_cast<OrtValue*>(y)};
 }
 
 struct GatedKernel {
@@ -247,6 +249,7 @@ struct GatedKernel {
   std::vector<Kept> rows;  // per-call scratch, reused across calls (a kernel instance is not run concurrently)
   std::vector<std::pair<float, int32_t>> tmp;
   std::vector<float> partial;
+  Ort::Op matmul{nullptr};  // ONNX Runtime's own MatMul: a call whose rows are all dense is a plain product
 
   GatedKernel(const OrtKernelInfo* info, bool is_topk) : topk(is_topk) {
     Ort::ConstKernelInfo ki(info);
@@ -254,6 +257,11 @@ struct GatedKernel {
       k = ki.GetAttribute<int64_t>("k");
     else
       threshold = ki.GetAttribute<float>("threshold");
+    if (ki.GetInputCount() > 3) {
+      const char* names[] = {"T"};
+      const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+      matmul = Ort::Op::Create(info, "MatMul", "", 13, names, types, 1, nullptr, 0, 2, 1);
+    }
   }
 
   void Compute(OrtKernelContext* context) {
@@ -274,6 +282,15 @@ struct GatedKernel {
                           ORT_INVALID_ARGUMENT);
       dense = d.GetTensorData<bool>();
       positions = dshape[0];
+      // A gate policy's dense prompt: every row keeps every channel, so with float32 weights ONNX Runtime's
+      // MatMul (a blocked GEMM, far faster for many rows than gathering rows token by token) does the call.
+      if (!args.f16 && std::all_of(dense, dense + positions, [](bool b) { return b; })) {
+        const OrtValue* inputs[] = {static_cast<const OrtValue*>(ctx.GetInput(0)),
+                                    static_cast<const OrtValue*>(ctx.GetInput(1))};
+        OrtValue* outputs[] = {args.y_value};
+        matmul.Invoke(context, inputs, 2, outputs, 1);
+        return;
+      }
     }
     rows.resize(nrows);
     for (int64_t r = 0; r < nrows; ++r) {
