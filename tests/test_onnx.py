@@ -300,7 +300,7 @@ def policy_artifacts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", ["first", "prompt"])
-def test_gate_policies_export_to_onnx(policy, policy_artifacts, tmp_path):
+def test_gate_policies_export_to_onnx(policy, policy_artifacts, tmp_path, capsys):
     """A policy artifact exports with the dense-rows ops (validated on export against the torch runtime under
     the same policy); run here, the positions the policy names come out exactly as the dense graph's and the
     others do not."""
@@ -314,6 +314,9 @@ def test_gate_policies_export_to_onnx(policy, policy_artifacts, tmp_path):
     model = onnx.load(str(tmp_path / "sparse" / "model.onnx"))
     assert {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN} == {onnx_ops.GATED_ROWS}
     assert ("dense_until" in [i.name for i in model.graph.input]) == (policy == "prompt")
+    code, stdout, err = run_inproc(["inspect", tmp_path / "sparse"], capsys)
+    want = "policy: first 4 tokens dense" if policy == "first" else "policy: dense prompt (graph input dense_until)"
+    assert code == 0 and want in " ".join(stdout.split()), stdout
     for run in m["validation"]["runs"].values():
         assert run["max_rel_delta"] <= m["validation"]["tolerance_rel"] and run["greedy_mismatches"] == 0
 

@@ -202,6 +202,8 @@ def export(
                               "pass --dtype float32 or --dtype float16")
         from exporters.onnx.export import export_onnx
 
+        from .onnx_runtime import describe_gates
+
         manifest = export_onnx(str(artifact), output, weight_dtype=dtype, sparsity=sparsity, dense=dense,
                                overwrite=overwrite, decode_steps=decode_steps, log=progress)
         if json_out:
@@ -209,7 +211,7 @@ def export(
             return
         g = manifest["graph"]
         out.print(f"graph: {g['gated_ops']} ai.wina gated ops, {g['dense_matmuls']} dense projections, opset "
-                  f"{g['opset']['']}, {g['weight_dtype']} weights; gates {manifest['gates']}")
+                  f"{g['opset']['']}, {g['weight_dtype']} weights; gates {describe_gates(manifest['gates'])}")
         v = manifest["validation"]
         for label, r in v["runs"].items():
             how = "replaying its gate decisions" if "free_running" in r else "free running"
@@ -641,7 +643,7 @@ def inspect(
 
 
 def _inspect_onnx(folder: Path, verify: bool, json_out: bool) -> None:
-    from .onnx_runtime import read_onnx_manifest, verify_onnx_files
+    from .onnx_runtime import describe_gates, read_onnx_manifest, verify_onnx_files
 
     m = read_onnx_manifest(folder)
     if verify:
@@ -657,7 +659,7 @@ def _inspect_onnx(folder: Path, verify: bool, json_out: bool) -> None:
     out.print(f"graph: {g.get('model_type')}, {g.get('num_layers')} layers, {g.get('weight_dtype')} weights, opset "
               f"{g.get('opset')}, IR {g.get('ir_version')}; {g.get('gated_ops')} ai.wina gated ops, "
               f"{g.get('dense_matmuls')} dense projections")
-    out.print(f"gates: {m.get('gates')}")
+    out.print(f"gates: {describe_gates(m.get('gates', {}))}")
     v = m.get("validation", {})
     for label, r in v.get("runs", {}).items():
         out.print(f"validation {label}: max |delta logits| {r['max_abs_delta']:.3g} (limit {v.get('tolerance_rel')} "

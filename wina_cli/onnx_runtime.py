@@ -175,6 +175,17 @@ class OnnxDecoder:
         return out
 
 
+def describe_gates(gates: dict) -> str:
+    """An ONNX manifest's gates in words."""
+    if gates.get("dense"):
+        return "none (dense export)"
+    text = f"{gates['criterion']}/{gates['allocation']}, {gates['mode']}, target {gates['target']}"
+    pol = gates.get("policy")
+    if pol:
+        text += f"; policy: {pol['text']}" + (f" (graph input {pol['input']})" if pol.get("input") else "")
+    return text
+
+
 def read_onnx_manifest(folder: str | Path) -> dict:
     p = Path(folder) / ONNX_MANIFEST
     try:
