@@ -89,15 +89,16 @@ def test_bench_budgets_policies_and_global_allocation(built, eval_text):
             assert r["realized_sparsity"] == pytest.approx(0.5, abs=0.01) if pol == "all" else \
                 r["realized_sparsity"] < 0.5 - 0.02  # dense positions read every channel
     assert runs[("dense", "-", "prompt:16")]["ppl"] != runs[("dense", "-", "all")]["ppl"]  # fewer tokens scored
-    assert len(b["budgets"]) == 4
+    assert len(b["budgets"]) == 2 * 3 * 2  # configurations x policies x budgets
     for f in b["budgets"]:
         assert 0.0 <= f["target_sparsity"] <= 0.9
-        assert f["ppl"] <= b["dense_ppl"] * (1 + f["max_ppl_increase"]) * (1 + 1e-9)
+        assert f["dense_ppl"] == runs[("dense", "-", f["policy"])]["ppl"]  # the budget is under the row's policy
+        assert f["ppl"] <= f["dense_ppl"] * (1 + f["max_ppl_increase"]) * (1 + 1e-9)
     from wina_cli.bench.report import markdown
 
     md = markdown(b).splitlines()
     assert md[0] == "| transform | criterion | allocation | policy | dense | 0.5 | PPL-1% | PPL-5% |"
-    assert len(md) == 2 + 2 * 3
+    assert len(md) == 2 + 2 * 3 and all(" - |" not in line for line in md[2:])  # every policy has its budgets
 
 
 def test_bench_at_realized_sparsity(built, eval_text):

@@ -383,13 +383,14 @@ def bench(
     out.print(t)
     if result["budgets"]:
         bt = Table(title="PPL-p% sparsity: the highest model-wide target within (1 + p) of dense, on the same text")
-        for col in ("artifact", "transform", "criterion", "allocation", "budget", "target", "realized", "ppl",
-                    "vs dense"):
+        for col in ("artifact", "transform", "criterion", "allocation", "policy", "budget", "target", "realized",
+                    "ppl", "vs dense"):
             bt.add_column(col)
         for b in result["budgets"]:
-            bt.add_row(Path(b["artifact"]).name, b["transform"], b["criterion"], b["allocation"],
+            bt.add_row(Path(b["artifact"]).name, b["transform"], b["criterion"], b["allocation"], b["policy"],
                        f"+{b['max_ppl_increase'] * 100:g}%", f"{b['target_sparsity']:.3f}",
-                       f"{b['realized_sparsity']:.3f}", f"{b['ppl']:.2f}", f"{(b['ppl'] / dense[b['artifact']] - 1) * 100:+.2f}%")
+                       f"{b['realized_sparsity']:.3f}", f"{b['ppl']:.2f}",
+                       f"{(b['ppl'] / b['dense_ppl'] - 1) * 100:+.2f}%")
         out.print(bt)
 
 
@@ -419,14 +420,13 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
         dense[str(path)] = dense_by_policy["all"] if "all" in dense_by_policy else \
             evaluate(rt, None, windows.ids, progress, f"dense [{path.name}]").ppl
         for c, a in pairs:
-            cache: dict = {}
             for pol in policies:
+                cache: dict = {}  # target -> evaluation, under this policy
                 for want in targets:
-                    def run(t, c=c, a=a, pol=pol):
+                    def run(t, c=c, a=a, pol=pol, cache=cache):
                         r = evaluate(rt, rt.plan_for(c, mode, a, t), windows.ids, progress,
                                      f"{c}/{a}/{t:.3f} {pol.name} [{path.name}]", pol)
-                        if pol.name == "all":
-                            cache[round(t, 6)] = r
+                        cache[round(t, 6)] = r
                         return r
 
                     t, r = (_realize(run, want) if realized else (want, run(want)))
@@ -434,18 +434,21 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
                     if realized:
                         row["requested_realized"] = want
                     runs.append(row)
-            def ppl_at(t, c=c, a=a):
-                key = round(t, 6)
-                if key not in cache:
-                    cache[key] = evaluate(rt, rt.plan_for(c, mode, a, t), windows.ids, progress,
-                                          f"{c}/{a}/{t:.3f} budget search [{path.name}]")
-                return cache[key].ppl
 
-            for b in budgets:
-                t, ppl = max_sparsity_within(ppl_at, dense[str(path)] * (1 + b))
-                found.append({"artifact": str(path), "transform": transform, "criterion": c, "allocation": a,
-                              "max_ppl_increase": b, "target_sparsity": t, "ppl": ppl,
-                              "realized_sparsity": round(cache[round(t, 6)].realized_model, 4)})
+                def ppl_at(t, c=c, a=a, pol=pol, cache=cache):
+                    key = round(t, 6)
+                    if key not in cache:
+                        cache[key] = evaluate(rt, rt.plan_for(c, mode, a, t), windows.ids, progress,
+                                              f"{c}/{a}/{t:.3f} {pol.name} budget search [{path.name}]", pol)
+                    return cache[key].ppl
+
+                for b in budgets:
+                    # within (1 + p) of the dense model's perplexity on the tokens this policy scores
+                    t, ppl = max_sparsity_within(ppl_at, dense_by_policy[pol.name] * (1 + b))
+                    found.append({"artifact": str(path), "transform": transform, "criterion": c, "allocation": a,
+                                  "policy": pol.name, "max_ppl_increase": b, "target_sparsity": t, "ppl": ppl,
+                                  "dense_ppl": dense_by_policy[pol.name],
+                                  "realized_sparsity": round(cache[round(t, 6)].realized_model, 4)})
     return {"dense_ppl": dense[str(artifacts[0])], "dense_ppl_by_artifact": dense, "mode": mode,
             "sparsity_basis": "realized" if realized else "target",
             "policies": [p.name for p in policies],

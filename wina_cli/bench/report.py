@@ -1,6 +1,7 @@
 """Render a quality bench result (the JSON `wina bench --json` prints) as a Markdown table: one row per
-transform x criterion x allocation (x policy), one column per target (per realized sparsity with `--realized`), each cell `ppl (realized sparsity)`, and,
-when the bench searched them, one column per perplexity budget with `realized sparsity (target)`."""
+transform x criterion x allocation (x policy), one column per target (per realized sparsity with `--realized`),
+each cell `ppl (realized sparsity)`, and, when the bench searched them, one column per perplexity budget with
+`realized sparsity (target)`, searched under the row's policy."""
 from __future__ import annotations
 
 
@@ -16,7 +17,7 @@ def markdown(result: dict) -> str:
             # With --realized the columns are the realized sparsities asked for, each cell at its own target.
             rows.setdefault(key, {})[r.get("requested_realized", r["target_sparsity"])] = r
     budgets = sorted({b["max_ppl_increase"] for b in result.get("budgets", [])})
-    found = {(b["artifact"], b["criterion"], b["allocation"], b["max_ppl_increase"]): b
+    found = {(b["artifact"], b["criterion"], b["allocation"], b.get("policy", "all"), b["max_ppl_increase"]): b
              for b in result.get("budgets", [])}
     targets = sorted({t for cells in rows.values() for t in cells})
     head = ["transform", "criterion", "allocation"] + (["policy"] if show_policy else []) + ["dense"]
@@ -27,7 +28,7 @@ def markdown(result: dict) -> str:
         text += [f"{cells[t]['ppl']:.2f} ({cells[t]['realized_sparsity']:.3f})" if t in cells else "-"
                  for t in targets]
         for b in budgets:
-            f = found.get((art, crit, alloc, b)) if pol == "all" else None
+            f = found.get((art, crit, alloc, pol, b))
             text.append("-" if f is None else f"{f['realized_sparsity']:.3f} ({f['target_sparsity']:.3f})")
         lines.append("| " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
