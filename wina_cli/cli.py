@@ -370,7 +370,7 @@ def bench(
 
         sys.stdout.write(render(result))
         return
-    runs, dense = result["runs"], result["dense_ppl_by_artifact"]
+    runs = result["runs"]
     t = Table(title=f"wina bench: perplexity on {data} ({result['eval']['tokens']} tokens, mode {mode})")
     for col in ("artifact", "transform", "criterion", "allocation", "policy", "target", "realized", "ppl",
                 "vs dense", "GFLOP/token"):
@@ -531,8 +531,8 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         _emit_json(result)
         return
     t = Table(title=f"wina bench: batch-1 decode, dense and sparse in turns, {steps} timed steps after {warmup} "
-                    f"warm-up "
-                    f"(sparse: {g['criterion']}/{g['allocation']} target {g['target']}, realized {model_realized:.3f})")
+                    f"warm-up (sparse: {g['criterion']}/{g['allocation']} target {g['target']}, realized "
+                    f"{model_realized:.3f})")
     for c in ("export", "ms/token", "tokens/s", "speedup", "weight GB/token", "GB/s", "peak RSS MB"):
         t.add_column(c, justify="left" if c == "export" else "right")
     for k, r in runs.items():
