@@ -437,13 +437,27 @@ def test_bad_onnx_inputs(family_artifacts, tmp_path, capsys):
     code, _, err = run_inproc(["bench", art], capsys)
     assert code == 3 and "nothing to benchmark" in err
     # a tampered ONNX export is caught by inspect's checksum check
+    import shutil
+
     from exporters.onnx.export import export_onnx
 
     out = tmp_path / "onnx"
     export_onnx(str(art), str(out))
+    shutil.copytree(out, tmp_path / "onnx-ok")
     (out / "config.json").write_text((out / "config.json").read_text() + " ")
     code, _, err = run_inproc(["inspect", out], capsys)
     assert code == 8 and "checksum" in err
+    # the speed bench exports its dense reference in a child process; that export's failure is reported with
+    # its exit code, and nothing of it is left behind
+    import tempfile
+
+    bad_art = tmp_path / "bad-art"
+    shutil.copytree(art, bad_art)
+    (bad_art / "model.safetensors").write_bytes(b"truncated")
+    before = set(Path(tempfile.gettempdir()).glob("wina-dense-*"))
+    code, _, err = run_inproc(["bench", bad_art, "--onnx", tmp_path / "onnx-ok", "--no-kernel"], capsys)
+    assert code == 8 and "exporting the dense reference graph failed (exit 8)" in " ".join(err.split()), err
+    assert set(Path(tempfile.gettempdir()).glob("wina-dense-*")) == before
 
 
 def test_cuda_library_builds_where_nvcc_exists_and_falls_back_to_cpu(family_artifacts, tmp_path):

@@ -456,6 +456,24 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
             "runs": runs, "budgets": found}
 
 
+def _export_dense_reference(artifact: Path, out_dir: Path, weight_dtype: str, tmp) -> None:
+    """`wina export --dense` in a child process: torch and the export's buffers stay out of this process, whose
+    peak memory the decode benchmark reports."""
+    import subprocess
+
+    from .errors import WinaError
+
+    p = subprocess.run([sys.executable, "-m", "wina_cli", "export", str(artifact), "--format", "onnx", "--dense",
+                        "--dtype", weight_dtype, "-o", str(out_dir)], capture_output=True, text=True)
+    if p.returncode != 0:
+        tmp.cleanup()
+        err = WinaError(f"exporting the dense reference graph failed (exit {p.returncode})",
+                        " ".join(p.stderr.split())[-600:] or "no message",
+                        "export it yourself with `wina export ART --format onnx --dense -o DIR` and pass --onnx-dense")
+        err.exit_code = p.returncode if p.returncode > 2 else 1
+        raise err
+
+
 def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: int, warmup: int, prompt: str,
                  prefill_tokens: int, kernel: bool, threads: Optional[int], json_out: bool) -> None:
     import tempfile
@@ -480,13 +498,10 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
                           "export one with `wina export ARTIFACT --format onnx` (without --dense)")
     tmp = None
     if onnx_dense is None:
-        from exporters.onnx.export import export_onnx
-
         tmp = tempfile.TemporaryDirectory(prefix="wina-dense-")
         onnx_dense = Path(tmp.name) / "dense"
-        progress("exporting the dense reference graph")
-        export_onnx(str(artifact), str(onnx_dense), weight_dtype=sparse_manifest["graph"]["weight_dtype"],
-                    dense=True, log=progress)
+        progress("exporting the dense reference graph (in a subprocess: its memory is not the decode's)")
+        _export_dense_reference(artifact, onnx_dense, sparse_manifest["graph"]["weight_dtype"], tmp)
     try:
         from transformers import AutoTokenizer
 
