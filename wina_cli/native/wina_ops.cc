@@ -217,6 +217,9 @@ struct GatedArgs {
   const float* scale;
   float* y;
   int64_t rows, in, out;
+  int64_t seq;  // X's second-to-last dimension (its positions), 0 for a single row
+  const OrtValue* x_value;
+  const OrtValue* w_value;
   OrtValue* y_value;
 };
 
@@ -239,7 +242,8 @@ GatedArgs read_args(Ort::KernelContext& ctx) {
   auto y = ctx.GetOutput(0, yshape);
   return {x.GetTensorData<float>(), w.GetTensorRawData(), wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
           scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), rows, wshape[0], wshape[1],
-          static_cast<OrtValue*>(y)};
+          xshape.size() >= 2 ? xshape[xshape.size() - 2] : 0, static_cast<const OrtValue*>(x),
+          static_cast<const OrtValue*>(w), static_cast<OrtValue*>(y)};
 }
 
 struct GatedKernel {
@@ -276,8 +280,7 @@ struct GatedKernel {
     if (ctx.GetInputCount() > 3) {
       auto d = ctx.GetInput(3);
       const auto dshape = d.GetTensorTypeAndShapeInfo().GetShape();
-      const auto xshape = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
-      if (dshape.size() != 1 || xshape.size() < 2 || dshape[0] != xshape[xshape.size() - 2])
+      if (dshape.size() != 1 || args.seq == 0 || dshape[0] != args.seq)
         ORT_CXX_API_THROW("ai.wina gated matmul: dense[S] must have one flag per position of X[..., S, in]",
                           ORT_INVALID_ARGUMENT);
       dense = d.GetTensorData<bool>();
@@ -285,8 +288,7 @@ struct GatedKernel {
       // A gate policy's dense prompt: every row keeps every channel, so with float32 weights ONNX Runtime's
       // MatMul (a blocked GEMM, far faster for many rows than gathering rows token by token) does the call.
       if (!args.f16 && std::all_of(dense, dense + positions, [](bool b) { return b; })) {
-        const OrtValue* inputs[] = {static_cast<const OrtValue*>(ctx.GetInput(0)),
-                                    static_cast<const OrtValue*>(ctx.GetInput(1))};
+        const OrtValue* inputs[] = {args.x_value, args.w_value};
         OrtValue* outputs[] = {args.y_value};
         matmul.Invoke(context, inputs, 2, outputs, 1);
         return;
