@@ -157,15 +157,17 @@ def family_artifacts(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("attention", ["fused", "plain"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_graph_of_every_family_validates(family, family_artifacts, tmp_path):
+def test_graph_of_every_family_validates(family, attention, family_artifacts, tmp_path):
     """Export validates itself (native kernels and function bodies, prefill + 16 KV-cache steps, past the
     tiny models' sliding windows); here we check what it recorded and that the graph is what it claims."""
     from exporters.onnx.export import export_onnx
 
     for dense in (True, False):
         out = tmp_path / ("dense" if dense else "sparse")
-        m = export_onnx(str(family_artifacts[family]), str(out), dense=dense)
+        m = export_onnx(str(family_artifacts[family]), str(out), dense=dense, attention=attention)
+        assert m["graph"]["attention"] == attention
         v = m["validation"]
         assert v["decode_steps"] == 16 and set(v["runs"]) == {"native_kernels", "function_bodies"}
         for run in v["runs"].values():
@@ -174,12 +176,54 @@ def test_graph_of_every_family_validates(family, family_artifacts, tmp_path):
         kinds = {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN}
         assert (m["graph"]["gated_ops"] == 0) == dense
         assert kinds == (set() if dense else {onnx_ops.GATED})
+        contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+        assert contrib == ({"GroupQueryAttention", "RotaryEmbedding"} if attention == "fused" else set())
         assert {f.name for f in model.functions} == {onnx_ops.GATED, onnx_ops.TOPK, onnx_ops.GATED_ROWS,
                                                      onnx_ops.TOPK_ROWS}
         names = [i.name for i in model.graph.input]
         assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.0.key" in names
         assert json.loads(dict((p.key, p.value) for p in model.metadata_props)["wina.manifest"])["gates"] == m["gates"]
         onnx.checker.check_model(model)
+
+
+@pytest.mark.parametrize("attention", ["fused", "plain"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_left_padded_batch_matches_torch(family, attention, family_artifacts, tmp_path):
+    """The shorter prompt of a batch left-padded: the graph masks the padding (and, for gemma2, a sliding window
+    of 8 that 11 positions cross) as the torch model does, in the prefill and in a KV-cache step after it."""
+    import torch
+
+    from exporters.onnx.export import export_onnx
+    from wina_cli.onnx_runtime import OnnxDecoder
+    from wina_cli.runtime import load_runtime
+
+    art = family_artifacts[family]
+    export_onnx(str(art), str(tmp_path / "onnx"), dense=True, attention=attention)
+    rt = load_runtime(art, dtype="float32")
+    rt.use_plan(None)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, rt.model.config.vocab_size, size=(2, 10))
+    mask = np.ones((2, 10), np.int64)
+    mask[1, :3] = 0
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    dec = OnnxDecoder(tmp_path / "onnx")
+    got, cache = dec.run(ids, mask, pos, dec.empty_cache(2))
+    nxt = rng.integers(3, rt.model.config.vocab_size, size=(2, 1))
+    mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    pos2 = pos[:, -1:] + 1
+    got_step, _ = dec.run(nxt, mask2, pos2, cache)
+    t = lambda a: torch.as_tensor(a)
+    with torch.no_grad():
+        ref = rt.model(input_ids=t(ids), attention_mask=t(mask), position_ids=t(pos)).logits.numpy()
+        ref_step = rt.model(input_ids=t(np.concatenate([ids, nxt], 1)), attention_mask=t(mask2),
+                            position_ids=t(np.concatenate([pos, pos2], 1))).logits[:, -1:].numpy()
+    real = mask.astype(bool)
+    scale = np.abs(ref[real]).max()
+    assert np.abs(got[real] - ref[real]).max() <= 5e-4 * scale
+    assert np.abs(got_step - ref_step).max() <= 5e-4 * scale
+    # the padding really matters: the same tokens unpadded give other logits for the padded row
+    unpadded, _ = dec.run(ids, np.ones_like(mask), np.broadcast_to(np.arange(10), (2, 10)), dec.empty_cache(2))
+    assert np.abs(unpadded[1, -1] - got[1, -1]).max() > 1e-3 * scale
 
 
 def test_topk_float16_and_external_data(family_artifacts, tmp_path):

@@ -174,6 +174,9 @@ def export(
                                              help="ONNX: re-plan the gates for this target (0 = dense MatMuls)."),
     dense: bool = typer.Option(False, "--dense", help="ONNX: a dense graph of plain MatMuls, for comparison."),
     decode_steps: int = typer.Option(16, "--decode-steps", help="ONNX: KV-cache steps the validation checks."),
+    attention: str = typer.Option("fused", "--attention",
+                                  help="ONNX: fused (ONNX Runtime's GroupQueryAttention and RotaryEmbedding) or "
+                                       "plain (standard ops only)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     json_out: bool = typer.Option(False, "--json"),
 ):
@@ -205,13 +208,14 @@ def export(
         from .onnx_runtime import describe_gates
 
         manifest = export_onnx(str(artifact), output, weight_dtype=dtype, sparsity=sparsity, dense=dense,
-                               overwrite=overwrite, decode_steps=decode_steps, log=progress)
+                               overwrite=overwrite, decode_steps=decode_steps, attention=attention, log=progress)
         if json_out:
             _emit_json({"output": output, "format": format, "dtype": dtype, **manifest})
             return
         g = manifest["graph"]
-        out.print(f"graph: {g['gated_ops']} ai.wina gated ops, {g['dense_matmuls']} dense projections, opset "
-                  f"{g['opset']['']}, {g['weight_dtype']} weights; gates {describe_gates(manifest['gates'])}")
+        out.print(f"graph: {g['gated_ops']} ai.wina gated ops, {g['dense_matmuls']} dense projections, "
+                  f"{g['attention']} attention, opset {g['opset']['']}, {g['weight_dtype']} weights; gates "
+                  f"{describe_gates(manifest['gates'])}")
         v = manifest["validation"]
         for label, r in v["runs"].items():
             how = "replaying its gate decisions" if "free_running" in r else "free running"
@@ -456,15 +460,18 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
             "runs": runs, "budgets": found}
 
 
-def _export_dense_reference(artifact: Path, out_dir: Path, weight_dtype: str, tmp) -> None:
+def _export_dense_reference(artifact: Path, out_dir: Path, graph: dict, tmp) -> None:
     """`wina export --dense` in a child process: torch and the export's buffers stay out of this process, whose
     peak memory the decode benchmark reports."""
     import subprocess
 
     from .errors import WinaError
 
+    # The same weight dtype and attention lowering as the sparse export, so the two differ only in their gates
+    # (exports written before the attention option existed used plain attention).
     p = subprocess.run([sys.executable, "-m", "wina_cli", "export", str(artifact), "--format", "onnx", "--dense",
-                        "--dtype", weight_dtype, "-o", str(out_dir)], capture_output=True, text=True)
+                        "--dtype", graph["weight_dtype"], "--attention", graph.get("attention", "plain"),
+                        "-o", str(out_dir)], capture_output=True, text=True)
     if p.returncode != 0:
         tmp.cleanup()
         err = WinaError(f"exporting the dense reference graph failed (exit {p.returncode})",
@@ -501,7 +508,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         tmp = tempfile.TemporaryDirectory(prefix="wina-dense-")
         onnx_dense = Path(tmp.name) / "dense"
         progress("exporting the dense reference graph (in a subprocess: its memory is not the decode's)")
-        _export_dense_reference(artifact, onnx_dense, sparse_manifest["graph"]["weight_dtype"], tmp)
+        _export_dense_reference(artifact, onnx_dense, sparse_manifest["graph"], tmp)
     try:
         from transformers import AutoTokenizer
 
@@ -676,7 +683,7 @@ def _inspect_onnx(folder: Path, verify: bool, json_out: bool) -> None:
               f"{str(src.get('manifest_sha256'))[:16]}...)")
     out.print(f"graph: {g.get('model_type')}, {g.get('num_layers')} layers, {g.get('weight_dtype')} weights, opset "
               f"{g.get('opset')}, IR {g.get('ir_version')}; {g.get('gated_ops')} ai.wina gated ops, "
-              f"{g.get('dense_matmuls')} dense projections")
+              f"{g.get('dense_matmuls')} dense projections, {g.get('attention', 'plain')} attention")
     out.print(f"gates: {describe_gates(m.get('gates', {}))}")
     v = m.get("validation", {})
     for label, r in v.get("runs", {}).items():

@@ -239,7 +239,8 @@ class GateSet:
         if cp is not None and cp.numel():
             offset = int(cp.reshape(-1)[0])
         else:
-            past = kwargs.get("past_key_values")
+            # transformers 5.x before 5.24 passes the cache as past_key_values, later releases as cache
+            past = kwargs.get("past_key_values", kwargs.get("cache"))
             offset = int(past.get_seq_length()) if past is not None else 0
         for m in self.modules:
             m.offset = offset

@@ -22,7 +22,7 @@ from wina_cli.errors import ConfigError, ValidationError
 from wina_cli.onnx_runtime import ONNX_MANIFEST, ONNX_MODEL, OnnxDecoder
 from wina_cli.runtime import Runtime, load_runtime
 
-from .graph import WEIGHT_DTYPES, DecoderGraph
+from .graph import ATTENTION, WEIGHT_DTYPES, DecoderGraph
 
 FORMAT_VERSION = 1
 EXTERNAL_DATA = "model.onnx.data"
@@ -201,7 +201,11 @@ def save_model(model: onnx.ModelProto, folder: Path, external_above: int = PROTO
 
 def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sparsity: float | None = None,
                 dense: bool = False, overwrite: bool = False, decode_steps: int = 16, seed: int = 0,
-                external_above: int = PROTOBUF_LIMIT, log=lambda m: None) -> dict:
+                external_above: int = PROTOBUF_LIMIT, attention: str = "fused", log=lambda m: None) -> dict:
+    if attention not in ATTENTION:
+        raise ConfigError(f"unknown attention lowering '{attention}'",
+                          f"the exporter writes {' or '.join(ATTENTION)} attention",
+                          "pass --attention fused (ONNX Runtime's contrib ops) or --attention plain (standard ops)")
     if weight_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"ONNX export does not write {weight_dtype} weights",
                           f"the graph stores {' or '.join(WEIGHT_DTYPES)} weights", "pass --dtype float32 or float16")
@@ -215,7 +219,7 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
     rt.use_plan(plan)
     _round_weights(rt, weight_dtype)
     log("building the ONNX graph")
-    builder = DecoderGraph(rt, dense=plan is None, weight_dtype=weight_dtype)
+    builder = DecoderGraph(rt, dense=plan is None, weight_dtype=weight_dtype, attention=attention)
     model = builder.build()
     cfg = rt.model.config
     manifest = {
@@ -223,7 +227,8 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
         "source_artifact": {"path": str(Path(artifact).resolve()), "manifest_sha256": sha256_file(src.path / MANIFEST),
                             "source": src.manifest.get("source", {}), "transform": src.wina.get("transform")},
         "gates": plan.describe() if plan is not None else {"dense": True},
-        "graph": {"opset": {"": ops.OPSET, ops.DOMAIN: ops.DOMAIN_VERSION}, "ir_version": model.ir_version,
+        "graph": {"opset": {o.domain: o.version for o in model.opset_import}, "ir_version": model.ir_version,
+                  "attention": attention, "max_positions": builder.max_positions,
                   "weight_dtype": weight_dtype, "gated_ops": builder.b.counts["gated"],
                   "dense_matmuls": builder.b.counts["dense"], "num_layers": len(rt.adapter.layers()),
                   "num_kv_heads": builder.kv_heads, "head_dim": builder.head_dim, "vocab_size": int(cfg.vocab_size),

@@ -26,6 +26,10 @@ from wina_cli.runtime import Runtime
 WEIGHT_DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new")
 NEG = float(np.finfo(np.float32).min)
+# fused: each attention block is ONNX Runtime's com.microsoft RotaryEmbedding (q and k) and GroupQueryAttention, a
+# few nodes instead of about thirty; plain: standard ONNX ops only, for runtimes without those contrib ops.
+ATTENTION = ("fused", "plain")
+MS_DOMAIN = "com.microsoft"
 
 
 class _Builder:
@@ -43,8 +47,11 @@ class _Builder:
         return f"{hint}_{self._n}"
 
     def op(self, op_type: str, inputs: list[str], hint: str = "", n_out: int = 1, domain: str = "",
-           out: str | None = None, **attrs):
-        outs = [out] if out else [self._name(hint or op_type.lower()) for _ in range(n_out)]
+           out: str | list[str] | None = None, **attrs):
+        if isinstance(out, list):
+            outs, n_out = out, len(out)
+        else:
+            outs = [out] if out else [self._name(hint or op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._name("n_" + (hint or op_type)),
                                            domain=domain, **attrs))
         return outs[0] if n_out == 1 else outs
@@ -109,8 +116,8 @@ def _softcap(b: _Builder, x: str, cap) -> str:
 class DecoderGraph:
     """Builds the graph of one runtime (its gates as currently in force; `dense=True` ignores them)."""
 
-    def __init__(self, rt: Runtime, *, dense: bool, weight_dtype: str = "float32"):
-        self.rt, self.dense = rt, dense
+    def __init__(self, rt: Runtime, *, dense: bool, weight_dtype: str = "float32", attention: str = "fused"):
+        self.rt, self.dense, self.attention = rt, dense, attention
         self.model, self.adapter, self.cfg = rt.model, rt.adapter, rt.model.config
         self.b = _Builder(weight_dtype)
         act = getattr(self.cfg, "hidden_activation", None) or getattr(self.cfg, "hidden_act", None)
@@ -128,6 +135,8 @@ class DecoderGraph:
         self.dense_first, self.dense_prompt = (0, False) if dense else rt.gate_policy()
         self.has_policy = self.dense_first > 0 or self.dense_prompt
         self.dense_rows: str | None = None  # bool [seq]: which positions of this call are dense
+        # Positions the fused graph's rotary caches cover (the model's own limit).
+        self.max_positions = int(getattr(self.cfg, "max_position_embeddings", 0) or 4096)
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def _linear(self, l: int, layer, proj: str, x: str) -> str:
@@ -161,10 +170,8 @@ class DecoderGraph:
             y = b.op("Add", [y, b.f32(f"layers.{l}.{proj}.bias", bias)], f"l{l}_{proj}_b")
         return y
 
-    def _rope_tables(self, position_ids: str) -> dict:
-        """cos/sin [batch, 1, seq, rot] per rotary variant (Gemma 3 has a local and a global one)."""
-        b = self.b
-        rot = self.adapter.base.rotary_emb
+    @staticmethod
+    def _rope_kinds(rot) -> dict:
         kinds = getattr(rot, "rope_type", "default")
         kinds = kinds if isinstance(kinds, dict) else {"": kinds}
         for k, v in kinds.items():
@@ -172,6 +179,13 @@ class DecoderGraph:
                 raise UnsupportedModelError(f"rotary embedding type '{v}' is not exported",
                                             "it rescales frequencies with the sequence length, which the graph "
                                             "does not model", "export a model with static rotary frequencies")
+        return kinds
+
+    def _rope_tables(self, position_ids: str) -> dict:
+        """cos/sin [batch, 1, seq, rot] per rotary variant (Gemma 3 has a local and a global one)."""
+        b = self.b
+        rot = self.adapter.base.rotary_emb
+        kinds = self._rope_kinds(rot)
         pos = b.op("Unsqueeze", [b.op("Cast", [position_ids], "posf", to=TensorProto.FLOAT), b.i64(-1)])
         tables = {}
         for key in kinds:
@@ -185,6 +199,29 @@ class DecoderGraph:
             tables[key] = (b.op("Unsqueeze", [cos, b.i64(1)], "cos"), b.op("Unsqueeze", [sin, b.i64(1)], "sin"),
                            int(inv.numel()) * 2)
         return tables
+
+    def _rope_caches(self) -> dict:
+        """cos/sin caches [max_positions, rot / 2] per rotary variant, for com.microsoft.RotaryEmbedding. Computed
+        the way the torch model computes its tables (float32 product of position and frequency, then cos/sin and
+        the attention scaling). Positions past the model's max_position_embeddings are outside the caches."""
+        b = self.b
+        rot = self.adapter.base.rotary_emb
+        kinds = self._rope_kinds(rot)
+        pos = torch.arange(self.max_positions, dtype=torch.float32)[:, None]
+        caches = {}
+        for key in kinds:
+            inv = getattr(rot, f"{key}_inv_freq" if key else "inv_freq").float()
+            scaling = float(getattr(rot, f"{key}_attention_scaling" if key else "attention_scaling"))
+            freqs = pos * inv[None, :]
+            tag = f"rope{('_' + key) if key else ''}"
+            caches[key] = (b.f32(f"{tag}.cos_cache", freqs.cos() * scaling),
+                           b.f32(f"{tag}.sin_cache", freqs.sin() * scaling), int(inv.numel()) * 2)
+        return caches
+
+    def _rope_fused(self, x: str, n_heads: int, cache) -> str:
+        cos, sin, rot = cache
+        return self.b.op("RotaryEmbedding", [x, "position_ids", cos, sin], "rope", domain=MS_DOMAIN,
+                         num_heads=n_heads, rotary_embedding_dim=rot, interleaved=0)
 
     def _apply_rope(self, x: str, table) -> str:
         b = self.b
@@ -245,6 +282,46 @@ class DecoderGraph:
         if hasattr(attn, "sliding_window"):
             return attn.sliding_window
         return getattr(self.cfg, "sliding_window", None)
+
+    def _attention_fused(self, l: int, layer, x: str, caches: dict, biases: dict, past_k: str, past_v: str):
+        """q, k, v projections, then RotaryEmbedding on q and k and one GroupQueryAttention node, which appends
+        to the cache and attends. It is told every sequence fills the whole mask (seqlens_k = total - 1), so its
+        own causal mask is ours; padding and sliding windows come in as an additive bias built once per graph."""
+        b, H, KV, D = self.b, self.heads, self.kv_heads, self.head_dim
+        attn = self.adapter.attn(layer)
+        off = self.adapter.norm_offset
+
+        def normed(t: str, n: int, norm) -> str:
+            if norm is None:
+                return t
+            t = b.op("Reshape", [t, b.i64(0, 0, n, D)], "heads")
+            t = _rms(b, t, norm, off, f"layers.{l}.{'q' if n == H else 'k'}_norm")
+            return b.op("Reshape", [t, b.i64(0, 0, n * D)], "flat")
+
+        cache = caches.get(getattr(attn, "layer_type", None)) or caches[""]
+        q = self._rope_fused(normed(self._linear(l, layer, "q", x), H, getattr(attn, "q_norm", None)), H, cache)
+        k = self._rope_fused(normed(self._linear(l, layer, "k", x), KV, getattr(attn, "k_norm", None)), KV, cache)
+        v = self._linear(l, layer, "v", x)
+        bias = biases[self._sliding_window(layer)]
+        seqlens, total = self.gqa_lengths
+        attrs = {"num_heads": H, "kv_num_heads": KV, "scale": float(attn.scaling)}
+        cap = getattr(attn, "attn_logit_softcapping", None)
+        if cap:
+            attrs["softcap"] = float(cap)
+        ctx, present_k, present_v = b.op(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, "", "", "", bias], domain=MS_DOMAIN,
+            out=[b._name("attn"), f"present.{l}.key", f"present.{l}.value"], **attrs)
+        return self._linear(l, layer, "o", ctx), present_k, present_v
+
+    def _gqa_lengths(self, attention_mask: str, input_ids: str) -> tuple[str, str]:
+        """seqlens_k [batch] int32 = total - 1 for every row, and total_sequence_length, int32 scalar."""
+        b = self.b
+        total = b.op("Shape", [attention_mask], "total_len", start=1, end=2)
+        batch = b.op("Shape", [input_ids], "batch", start=0, end=1)
+        total32 = b.op("Cast", [total], "total32", to=TensorProto.INT32)
+        seqlens = b.op("Expand", [b.op("Sub", [total32, b.init("const_i32_1", np.array([1], np.int32))]), batch],
+                       "seqlens_k")
+        return seqlens, b.op("Squeeze", [total32, b.i64(0)], "total_seq")
 
     def _attention(self, l: int, layer, x: str, tables: dict, masks: dict, past_k: str, past_v: str):
         b, H, KV, D = self.b, self.heads, self.kv_heads, self.head_dim
@@ -327,16 +404,21 @@ class DecoderGraph:
         scale = getattr(emb, "embed_scale", None)
         if scale is not None:
             h = b.op("Mul", [h, b.scalar(float(torch.as_tensor(scale).to(emb.weight.dtype)))], "embed_scaled")
-        tables = self._rope_tables("position_ids")
+        fused = self.attention == "fused"
+        tables = self._rope_caches() if fused else self._rope_tables("position_ids")
         windows = {self._sliding_window(layer) for layer in ad.layers()}
         masks, q_idx = self._masks("attention_mask", "past_key_values.0.key", "input_ids", windows)
+        if fused:
+            masks = {w: b.op("Where", [m, b.scalar(0.0), b.scalar(NEG)], "attn_bias") for w, m in masks.items()}
+            self.gqa_lengths = self._gqa_lengths("attention_mask", "input_ids")
         if self.has_policy:
             self.dense_rows = self._dense_rows(q_idx)
+        attend = self._attention_fused if fused else self._attention
         for l, layer in enumerate(ad.layers()):
             past_k, past_v = f"past_key_values.{l}.key", f"past_key_values.{l}.value"
 
             def attention(x, l=l, layer=layer, past_k=past_k, past_v=past_v):
-                o, pk, pv = self._attention(l, layer, x, tables, masks, past_k, past_v)
+                o, pk, pv = attend(l, layer, x, tables, masks, past_k, past_v)
                 return o, (pk, pv)
 
             h, _ = self._half(l, layer, h, "attn", attention)
@@ -349,8 +431,10 @@ class DecoderGraph:
         b.op("Identity", [logits], out="logits")
 
         graph = helper.make_graph(b.nodes, "wina_decoder", inputs, outputs, initializer=b.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ops.OPSET),
-                                                        helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)],
+        opsets = [helper.make_opsetid("", ops.OPSET), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)]
+        if fused:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets,
                                   functions=ops.functions(), producer_name="wina")
         model.ir_version = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
         return model

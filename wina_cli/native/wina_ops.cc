@@ -1,4 +1,4 @@
-// Native CPU kernels for the ai.wina operator set (see exporters/onnx/ops.py for the op contracts).
+// Native CPU kernels for the ai.wina operator set (see wina_cli/onnx_ops.py for the op contracts).
 //
 //   GatedMatMul(X[..., in] f32, W[in, out] f32|f16, scale[in] f32) attr threshold: keep |x_i|*scale_i > threshold
 //   TopKMatMul (same inputs)                                         attr k: keep the k highest scores per row
@@ -7,9 +7,9 @@
 //   whose rows keep every channel (a gate policy: the prompt, or the first tokens, computed dense)
 //
 // The point of the kernel is what it does not read: with W stored [in, out], each input channel's weights are one
-// contiguous row, and a dropped channel's row is never touched. Work is split over output columns (each task
-// accumulates every kept row into its own slice of Y, so no reduction is needed) on ONNX Runtime's own intra-op
-// thread pool, so the library adds no threads of its own.
+// contiguous row, and a dropped channel's row is never touched. Work is split over the kept rows (each task sums a
+// slice of them into its own partial Y, added up afterwards) on ONNX Runtime's own intra-op thread pool, so the
+// library adds no threads of its own.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -76,46 +76,74 @@ void keep_topk(const float* x, const float* scale, int64_t n, int64_t k, std::ve
   for (int32_t i : out.idx) out.val.push_back(x[i]);
 }
 
-// Kept rows are scattered, so each is a new memory stream; for short rows (a few KB) the hardware prefetcher
-// barely starts before the row ends. So the rows two groups ahead are prefetched, up to kPrefetchBytes of each.
-constexpr int64_t kPrefetchBytes = 4096;
-
-inline void prefetch_rows(const char* w, int64_t row_bytes, const int32_t* idx, size_t a, size_t a1) {
-  const int64_t n = std::min(row_bytes, kPrefetchBytes);
-  for (size_t q = a; q < std::min(a + 8, a1); ++q) {
-    const char* r = w + static_cast<int64_t>(idx[q]) * row_bytes;
-    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(r + off, 0, 3);
-  }
+// y[0:out] = sum over a in [a0, a1) of val[a] * W[idx[a], :]. Eight rows per sweep, in two independent FMA
+// chains, so Y is loaded and stored once per eight weight rows and the adds do not wait on each other. Written
+// with intrinsics: the compiler's own vectorization of the same loop read about 10-20% slower at SmolLM2's
+// shapes. Software prefetch of the rows ahead was measured and dropped: it changed nothing here.
+#if defined(__AVX512F__)
+inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
+  __m512 v[8];
+  for (int q = 0; q < 8; ++q) v[q] = _mm512_set1_ps(v8[q]);
+  int64_t j = 0;
+  auto step = [&](int64_t j, __mmask16 m) {
+    __m512 acc = _mm512_maskz_loadu_ps(m, y + j);
+    __m512 acc2 = _mm512_mul_ps(v[1], _mm512_maskz_loadu_ps(m, r[1] + j));
+    acc = _mm512_fmadd_ps(v[0], _mm512_maskz_loadu_ps(m, r[0] + j), acc);
+    acc2 = _mm512_fmadd_ps(v[3], _mm512_maskz_loadu_ps(m, r[3] + j), acc2);
+    acc = _mm512_fmadd_ps(v[2], _mm512_maskz_loadu_ps(m, r[2] + j), acc);
+    acc2 = _mm512_fmadd_ps(v[5], _mm512_maskz_loadu_ps(m, r[5] + j), acc2);
+    acc = _mm512_fmadd_ps(v[4], _mm512_maskz_loadu_ps(m, r[4] + j), acc);
+    acc2 = _mm512_fmadd_ps(v[7], _mm512_maskz_loadu_ps(m, r[7] + j), acc2);
+    acc = _mm512_fmadd_ps(v[6], _mm512_maskz_loadu_ps(m, r[6] + j), acc);
+    _mm512_mask_storeu_ps(y + j, m, _mm512_add_ps(acc, acc2));
+  };
+  for (; j + 16 <= out; j += 16) step(j, 0xffff);
+  if (j < out) step(j, static_cast<__mmask16>((1u << (out - j)) - 1));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
+  __m256 v[8];
+  for (int q = 0; q < 8; ++q) v[q] = _mm256_set1_ps(v8[q]);
+  int64_t j = 0;
+  for (; j + 8 <= out; j += 8) {
+    __m256 acc = _mm256_loadu_ps(y + j);
+    __m256 acc2 = _mm256_mul_ps(v[1], _mm256_loadu_ps(r[1] + j));
+    acc = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(r[0] + j), acc);
+    acc2 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(r[3] + j), acc2);
+    acc = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(r[2] + j), acc);
+    acc2 = _mm256_fmadd_ps(v[5], _mm256_loadu_ps(r[5] + j), acc2);
+    acc = _mm256_fmadd_ps(v[4], _mm256_loadu_ps(r[4] + j), acc);
+    acc2 = _mm256_fmadd_ps(v[7], _mm256_loadu_ps(r[7] + j), acc2);
+    acc = _mm256_fmadd_ps(v[6], _mm256_loadu_ps(r[6] + j), acc);
+    _mm256_storeu_ps(y + j, _mm256_add_ps(acc, acc2));
+  }
+  for (; j < out; ++j)
+    y[j] += (v8[0] * r[0][j] + v8[1] * r[1][j]) + (v8[2] * r[2][j] + v8[3] * r[3][j]) +
+            (v8[4] * r[4][j] + v8[5] * r[5][j]) + (v8[6] * r[6][j] + v8[7] * r[7][j]);
+}
+#else
+inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
+  for (int64_t j = 0; j < out; ++j)
+    y[j] += (v8[0] * r[0][j] + v8[1] * r[1][j]) + (v8[2] * r[2][j] + v8[3] * r[3][j]) +
+            (v8[4] * r[4][j] + v8[5] * r[5][j]) + (v8[6] * r[6][j] + v8[7] * r[7][j]);
+}
+#endif
 
-// y[j0:j1] = sum over a in [a0, a1) of val[a] * W[idx[a], j0:j1]. Eight rows per sweep, so Y is loaded and
-// stored once per eight weight rows.
 void accumulate_f32(float* __restrict y, const float* __restrict w, int64_t out, const Kept& kept, size_t a0,
-                    size_t a1, int64_t j0, int64_t j1) {
-  std::fill(y + j0, y + j1, 0.0f);
+                    size_t a1) {
+  std::fill(y, y + out, 0.0f);
   size_t a = a0;
   const int32_t* idx = kept.idx.data();
   const float* val = kept.val.data();
-  const char* wb = reinterpret_cast<const char*>(w);
-  const int64_t row_bytes = out * 4;
-  prefetch_rows(wb, row_bytes, idx, a, a1);
-  prefetch_rows(wb, row_bytes, idx, a + 8, a1);
   for (; a + 8 <= a1; a += 8) {
-    prefetch_rows(wb, row_bytes, idx, a + 16, a1);
-    const float* __restrict r[8];
-    float v[8];
-    for (int q = 0; q < 8; ++q) {
-      r[q] = w + static_cast<int64_t>(idx[a + q]) * out;
-      v[q] = val[a + q];
-    }
-    for (int64_t j = j0; j < j1; ++j)
-      y[j] += (v[0] * r[0][j] + v[1] * r[1][j]) + (v[2] * r[2][j] + v[3] * r[3][j]) +
-              (v[4] * r[4][j] + v[5] * r[5][j]) + (v[6] * r[6][j] + v[7] * r[7][j]);
+    const float* r[8];
+    for (int q = 0; q < 8; ++q) r[q] = w + static_cast<int64_t>(idx[a + q]) * out;
+    sweep8_f32(y, r, val + a, out);
   }
   for (; a < a1; ++a) {
     const float* __restrict r = w + static_cast<int64_t>(idx[a]) * out;
     const float v = val[a];
-    for (int64_t j = j0; j < j1; ++j) y[j] += v * r[j];
+    for (int64_t j = 0; j < out; ++j) y[j] += v * r[j];
   }
 }
 
@@ -146,8 +174,8 @@ inline float half_to_float(uint16_t h) {
 }
 
 void accumulate_f16(float* __restrict y, const uint16_t* __restrict w, int64_t out, const Kept& kept, size_t a0,
-                    size_t a1, int64_t j0, int64_t j1) {
-  std::fill(y + j0, y + j1, 0.0f);
+                    size_t a1) {
+  std::fill(y, y + out, 0.0f);
   const size_t n = a1;
   size_t a = a0;
 #ifdef WINA_F16C
@@ -158,8 +186,8 @@ void accumulate_f16(float* __restrict y, const uint16_t* __restrict w, int64_t o
     const uint16_t* r3 = w + static_cast<int64_t>(kept.idx[a + 3]) * out;
     const __m256 v0 = _mm256_set1_ps(kept.val[a]), v1 = _mm256_set1_ps(kept.val[a + 1]);
     const __m256 v2 = _mm256_set1_ps(kept.val[a + 2]), v3 = _mm256_set1_ps(kept.val[a + 3]);
-    int64_t j = j0;
-    for (; j + 8 <= j1; j += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= out; j += 8) {
       __m256 acc = _mm256_loadu_ps(y + j);
       acc = _mm256_fmadd_ps(v0, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + j))), acc);
       acc = _mm256_fmadd_ps(v1, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + j))), acc);
@@ -167,7 +195,7 @@ void accumulate_f16(float* __restrict y, const uint16_t* __restrict w, int64_t o
       acc = _mm256_fmadd_ps(v3, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r3 + j))), acc);
       _mm256_storeu_ps(y + j, acc);
     }
-    for (; j < j1; ++j)
+    for (; j < out; ++j)
       y[j] += kept.val[a] * half_to_float(r0[j]) + kept.val[a + 1] * half_to_float(r1[j]) +
               kept.val[a + 2] * half_to_float(r2[j]) + kept.val[a + 3] * half_to_float(r3[j]);
   }
@@ -175,7 +203,7 @@ void accumulate_f16(float* __restrict y, const uint16_t* __restrict w, int64_t o
   for (; a < n; ++a) {
     const uint16_t* r = w + static_cast<int64_t>(kept.idx[a]) * out;
     const float v = kept.val[a];
-    for (int64_t j = j0; j < j1; ++j) y[j] += v * half_to_float(r[j]);
+    for (int64_t j = 0; j < out; ++j) y[j] += v * half_to_float(r[j]);
   }
 }
 
@@ -186,26 +214,21 @@ struct Job {
   float* y;
   float* partial;  // [rows, parts, out] when parts > 1
   int64_t out;
-  int64_t block;   // columns per task
-  int64_t blocks;  // column blocks per row
   int64_t parts;   // slices of the kept rows per row, summed after the parallel section
 };
 
 void run_task(void* data, size_t t) {
   const Job& job = *static_cast<const Job*>(data);
-  const int64_t per_row = job.blocks * job.parts;
-  const int64_t row = static_cast<int64_t>(t) / per_row;
-  const int64_t part = (static_cast<int64_t>(t) % per_row) / job.blocks;
-  const int64_t j0 = (static_cast<int64_t>(t) % job.blocks) * job.block;
-  const int64_t j1 = std::min(job.out, j0 + job.block);
+  const int64_t row = static_cast<int64_t>(t) / job.parts;
+  const int64_t part = static_cast<int64_t>(t) % job.parts;
   const Kept& kept = (*job.rows)[row];
   const size_t n = kept.idx.size();
   const size_t a0 = n * part / job.parts, a1 = n * (part + 1) / job.parts;
   float* y = job.parts == 1 ? job.y + row * job.out : job.partial + (row * job.parts + part) * job.out;
   if (job.f16)
-    accumulate_f16(y, static_cast<const uint16_t*>(job.w), job.out, kept, a0, a1, j0, j1);
+    accumulate_f16(y, static_cast<const uint16_t*>(job.w), job.out, kept, a0, a1);
   else
-    accumulate_f32(y, static_cast<const float*>(job.w), job.out, kept, a0, a1, j0, j1);
+    accumulate_f32(y, static_cast<const float*>(job.w), job.out, kept, a0, a1);
 }
 
 // The inputs and output of a gated matmul, checked: X[..., in] float, W[in, out] float32 or float16, scale[in];
@@ -307,13 +330,12 @@ struct GatedKernel {
     // slice of one row's kept channels into its own partial Y; the partials are added up afterwards. A single
     // token is split kTasks ways so the pool stays busy; a prefill has a task per row already.
     constexpr int64_t kTasks = 4;
-    const int64_t block = out, blocks = 1;
     const int64_t parts = std::max<int64_t>(1, kTasks / nrows);
     float* yp = args.y;
     if (parts > 1) partial.resize(static_cast<size_t>(nrows * parts * out));
     Job job{&rows, args.w, args.f16, yp,
-            parts > 1 ? partial.data() : nullptr, out, block, blocks, parts};
-    const size_t total = static_cast<size_t>(nrows * blocks * parts);
+            parts > 1 ? partial.data() : nullptr, out, parts};
+    const size_t total = static_cast<size_t>(nrows * parts);
     if (total == 1)
       run_task(&job, 0);
     else
