@@ -58,7 +58,8 @@ def _reference(x, w, scale, threshold=None, k=None):
 
 
 CASES = [  # (x shape, n_in, n_out): a decode row, a prefill batch, a batch of prefills, odd sizes
-    ((1, 1, 64), 64, 96), ((1, 7, 130), 130, 33), ((3, 5, 200), 200, 1100), ((2, 2, 17), 17, 5)]
+    ((1, 1, 64), 64, 96), ((1, 7, 130), 130, 33), ((3, 5, 200), 200, 1100), ((2, 2, 17), 17, 5),
+    ((2, 40, 96), 96, 72)]  # 80 rows: float32 weights take the native kernel's GEMM-on-masked-X path
 
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "function"])
@@ -454,6 +455,8 @@ def test_kernel_microbenchmark_reports_ratios():
     from wina_cli.bench.speed import kernel_bench
 
     rows = kernel_bench(shapes=((256, 384),), sparsities=(0.0, 0.5), reps=3, n_inputs=4)
+    chained = kernel_bench(shapes=((256, 384),), sparsities=(0.5,), reps=3, n_inputs=4, working_set_mb=2.0)
+    assert chained[0]["copies"] == 6 and rows[0]["copies"] == 1 and chained[0]["speedup"] > 0
     assert [r["sparsity"] for r in rows] == [0.0, 0.5]
     for r in rows:
         assert r["speedup"] > 0 and r["dense_ms"] > 0 and r["ideal"] >= 1.0

@@ -129,13 +129,29 @@ inline void sweep8_f32(float* __restrict y, const float* const* r, const float* 
 }
 #endif
 
+// Kept rows are scattered, so each is a new memory stream that the hardware prefetcher only picks up after a few
+// misses; the rows two sweeps ahead are prefetched, up to kPrefetchBytes of each.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_rows(const char* w, int64_t row_bytes, const int32_t* idx, size_t a, size_t a1) {
+  const int64_t n = std::min(row_bytes, kPrefetchBytes);
+  for (size_t q = a; q < std::min(a + 8, a1); ++q) {
+    const char* r = w + static_cast<int64_t>(idx[q]) * row_bytes;
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(r + off, 0, 3);
+  }
+}
+
 void accumulate_f32(float* __restrict y, const float* __restrict w, int64_t out, const Kept& kept, size_t a0,
                     size_t a1) {
   std::fill(y, y + out, 0.0f);
   size_t a = a0;
   const int32_t* idx = kept.idx.data();
   const float* val = kept.val.data();
+  const char* wb = reinterpret_cast<const char*>(w);
+  prefetch_rows(wb, out * 4, idx, a, a1);
+  prefetch_rows(wb, out * 4, idx, a + 8, a1);
   for (; a + 8 <= a1; a += 8) {
+    prefetch_rows(wb, out * 4, idx, a + 16, a1);
     const float* r[8];
     for (int q = 0; q < 8; ++q) r[q] = w + static_cast<int64_t>(idx[a + q]) * out;
     sweep8_f32(y, r, val + a, out);
@@ -173,36 +189,78 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+// The same sweep over float16 rows, widened to float32 as they are loaded.
+#if defined(__AVX512F__)
+// GCC 12's _mm512_cvtph_ps starts from an undefined register and warns about it; the value is fully written.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out) {
+  __m512 v[8];
+  for (int q = 0; q < 8; ++q) v[q] = _mm512_set1_ps(v8[q]);
+  auto ld = [&](int q, int64_t j) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[q] + j)));
+  };
+  int64_t j = 0;
+  for (; j + 16 <= out; j += 16) {
+    __m512 acc = _mm512_loadu_ps(y + j);
+    __m512 acc2 = _mm512_mul_ps(v[1], ld(1, j));
+    acc = _mm512_fmadd_ps(v[0], ld(0, j), acc);
+    acc2 = _mm512_fmadd_ps(v[3], ld(3, j), acc2);
+    acc = _mm512_fmadd_ps(v[2], ld(2, j), acc);
+    acc2 = _mm512_fmadd_ps(v[5], ld(5, j), acc2);
+    acc = _mm512_fmadd_ps(v[4], ld(4, j), acc);
+    acc2 = _mm512_fmadd_ps(v[7], ld(7, j), acc2);
+    acc = _mm512_fmadd_ps(v[6], ld(6, j), acc);
+    _mm512_storeu_ps(y + j, _mm512_add_ps(acc, acc2));
+  }
+  for (; j < out; ++j)
+    for (int q = 0; q < 8; ++q) y[j] += v8[q] * half_to_float(r[q][j]);
+}
+#pragma GCC diagnostic pop
+#elif defined(WINA_F16C)
+inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out) {
+  __m256 v[8];
+  for (int q = 0; q < 8; ++q) v[q] = _mm256_set1_ps(v8[q]);
+  auto ld = [&](int q, int64_t j) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[q] + j)));
+  };
+  int64_t j = 0;
+  for (; j + 8 <= out; j += 8) {
+    __m256 acc = _mm256_loadu_ps(y + j);
+    __m256 acc2 = _mm256_mul_ps(v[1], ld(1, j));
+    acc = _mm256_fmadd_ps(v[0], ld(0, j), acc);
+    acc2 = _mm256_fmadd_ps(v[3], ld(3, j), acc2);
+    acc = _mm256_fmadd_ps(v[2], ld(2, j), acc);
+    acc2 = _mm256_fmadd_ps(v[5], ld(5, j), acc2);
+    acc = _mm256_fmadd_ps(v[4], ld(4, j), acc);
+    acc2 = _mm256_fmadd_ps(v[7], ld(7, j), acc2);
+    acc = _mm256_fmadd_ps(v[6], ld(6, j), acc);
+    _mm256_storeu_ps(y + j, _mm256_add_ps(acc, acc2));
+  }
+  for (; j < out; ++j)
+    for (int q = 0; q < 8; ++q) y[j] += v8[q] * half_to_float(r[q][j]);
+}
+#else
+inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out) {
+  for (int64_t j = 0; j < out; ++j)
+    for (int q = 0; q < 8; ++q) y[j] += v8[q] * half_to_float(r[q][j]);
+}
+#endif
+
 void accumulate_f16(float* __restrict y, const uint16_t* __restrict w, int64_t out, const Kept& kept, size_t a0,
                     size_t a1) {
   std::fill(y, y + out, 0.0f);
-  const size_t n = a1;
   size_t a = a0;
-#ifdef WINA_F16C
-  for (; a + 4 <= n; a += 4) {
-    const uint16_t* r0 = w + static_cast<int64_t>(kept.idx[a]) * out;
-    const uint16_t* r1 = w + static_cast<int64_t>(kept.idx[a + 1]) * out;
-    const uint16_t* r2 = w + static_cast<int64_t>(kept.idx[a + 2]) * out;
-    const uint16_t* r3 = w + static_cast<int64_t>(kept.idx[a + 3]) * out;
-    const __m256 v0 = _mm256_set1_ps(kept.val[a]), v1 = _mm256_set1_ps(kept.val[a + 1]);
-    const __m256 v2 = _mm256_set1_ps(kept.val[a + 2]), v3 = _mm256_set1_ps(kept.val[a + 3]);
-    int64_t j = 0;
-    for (; j + 8 <= out; j += 8) {
-      __m256 acc = _mm256_loadu_ps(y + j);
-      acc = _mm256_fmadd_ps(v0, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + j))), acc);
-      acc = _mm256_fmadd_ps(v1, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + j))), acc);
-      acc = _mm256_fmadd_ps(v2, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r2 + j))), acc);
-      acc = _mm256_fmadd_ps(v3, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r3 + j))), acc);
-      _mm256_storeu_ps(y + j, acc);
-    }
-    for (; j < out; ++j)
-      y[j] += kept.val[a] * half_to_float(r0[j]) + kept.val[a + 1] * half_to_float(r1[j]) +
-              kept.val[a + 2] * half_to_float(r2[j]) + kept.val[a + 3] * half_to_float(r3[j]);
+  const int32_t* idx = kept.idx.data();
+  const float* val = kept.val.data();
+  for (; a + 8 <= a1; a += 8) {
+    const uint16_t* r[8];
+    for (int q = 0; q < 8; ++q) r[q] = w + static_cast<int64_t>(idx[a + q]) * out;
+    sweep8_f16(y, r, val + a, out);
   }
-#endif
-  for (; a < n; ++a) {
-    const uint16_t* r = w + static_cast<int64_t>(kept.idx[a]) * out;
-    const float v = kept.val[a];
+  for (; a < a1; ++a) {
+    const uint16_t* r = w + static_cast<int64_t>(idx[a]) * out;
+    const float v = val[a];
     for (int64_t j = 0; j < out; ++j) y[j] += v * half_to_float(r[j]);
   }
 }
@@ -269,6 +327,9 @@ GatedArgs read_args(Ort::KernelContext& ctx) {
           static_cast<const OrtValue*>(w), static_cast<OrtValue*>(y)};
 }
 
+// Rows from which a float32 call runs as a GEMM on masked X (below about 64 rows gathering was faster).
+constexpr int64_t kGemmRows = 64;
+
 struct GatedKernel {
   bool topk;
   float threshold = 0.0f;
@@ -276,7 +337,9 @@ struct GatedKernel {
   std::vector<Kept> rows;  // per-call scratch, reused across calls (a kernel instance is not run concurrently)
   std::vector<std::pair<float, int32_t>> tmp;
   std::vector<float> partial;
-  Ort::Op matmul{nullptr};  // ONNX Runtime's own MatMul: a call whose rows are all dense is a plain product
+  // ONNX Runtime's own MatMul: a call whose rows are all dense is a plain product, and so is a many-row call
+  // once X's dropped channels are zeroed
+  Ort::Op matmul{nullptr};
 
   GatedKernel(const OrtKernelInfo* info, bool is_topk) : topk(is_topk) {
     Ort::ConstKernelInfo ki(info);
@@ -284,11 +347,9 @@ struct GatedKernel {
       k = ki.GetAttribute<int64_t>("k");
     else
       threshold = ki.GetAttribute<float>("threshold");
-    if (ki.GetInputCount() > 3) {
-      const char* names[] = {"T"};
-      const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-      matmul = Ort::Op::Create(info, "MatMul", "", 13, names, types, 1, nullptr, 0, 2, 1);
-    }
+    const char* names[] = {"T"};
+    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    matmul = Ort::Op::Create(info, "MatMul", "", 13, names, types, 1, nullptr, 0, 2, 1);
   }
 
   void Compute(OrtKernelContext* context) {
@@ -325,6 +386,28 @@ struct GatedKernel {
         keep_topk(xp + r * in, sp, in, k, tmp, rows[r]);
       else
         keep_threshold(xp + r * in, sp, in, threshold, rows[r]);
+    }
+    // Many rows (a prefill): gathering each row's kept weight rows reads W once per token, while ONNX Runtime's
+    // blocked GEMM reads each weight tile once for many tokens. With float32 weights the call becomes that GEMM
+    // on X with its dropped channels zeroed, which computes the same products (a zeroed channel adds 0 * W).
+    if (!args.f16 && nrows >= kGemmRows) {
+      // One scratch buffer per calling thread, shared by every node (a buffer per node would keep a prompt's
+      // worth of X alive for each of them).
+      thread_local std::vector<float> masked;
+      masked.assign(static_cast<size_t>(nrows * in), 0.0f);
+      for (int64_t r = 0; r < nrows; ++r) {
+        float* dst = masked.data() + r * in;
+        const Kept& kr = rows[r];
+        for (size_t a = 0; a < kr.idx.size(); ++a) dst[kr.idx[a]] = kr.val[a];
+      }
+      auto xshape = Ort::ConstValue(args.x_value).GetTensorTypeAndShapeInfo().GetShape();
+      auto mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+      Ort::Value xm = Ort::Value::CreateTensor<float>(mem, masked.data(), masked.size(), xshape.data(),
+                                                      xshape.size());
+      const OrtValue* inputs[] = {static_cast<const OrtValue*>(xm), args.w_value};
+      OrtValue* outputs[] = {args.y_value};
+      matmul.Invoke(context, inputs, 2, outputs, 1);
+      return;
     }
     // Each task sums whole weight rows (long contiguous reads, which the hardware prefetcher streams well) of a
     // slice of one row's kept channels into its own partial Y; the partials are added up afterwards. A single
