@@ -65,8 +65,10 @@ def run_calibration(recipe, progress=lambda m: None):
         "candidates": tried, "chosen": chosen, "dense_ppl": state.validation["select"]["dense_ppl"],
         "reason": f"lowest perplexity on {state.validation['select']['tokens']} held-apart calibration tokens at "
                   f"target {recipe.sparsity.target} ({recipe.sparsity.mode} mode) among {len(tried)} candidates: "
-                  f"{chosen['transform']} / {chosen['criterion']} / {chosen['allocation']} "
-                  f"({chosen['ppl_increase'] * 100:+.1f}% over dense)"}
+                  f"{chosen['transform']} / {chosen['criterion']} / {chosen['allocation']}"
+                  f"{' / first ' + str(chosen['dense_first']) + ' tokens dense' if chosen['dense_first'] else ''} "
+                  f"({chosen['ppl_increase'] * 100:+.1f}% over dense, realized sparsity "
+                  f"{chosen['realized_sparsity']:.3f})"}
     state.progress = progress
     report.passes += tail_pipeline(recipe).run(state).passes
     return state, PipelineReport(report.passes)

@@ -37,7 +37,7 @@ class PipelineState:
     stats: Any = None  # collect_stats: wina_cli.calibration.CalibrationStats
     gateset: Any = None  # allocate: wina_cli.gating.GateSet, the model's gated projections
     allocation: Any = None  # allocate: wina_cli.gating.Allocation
-    choice: dict = field(default_factory=dict)  # select: criterion and allocation picked (else the recipe's)
+    choice: dict = field(default_factory=dict)  # select: criterion, allocation, dense_first picked (else the recipe's)
     target: Any = None  # ppl_budget: the model-wide target found within the budget (else the recipe's)
     gates: Any = None  # set_gates: wina_cli.gating.GatePlan
     validation: dict = field(default_factory=dict)  # any pass's measured checks
@@ -50,20 +50,38 @@ def gate_setting(state: PipelineState) -> tuple[str, str, str]:
     return state.choice.get("criterion", sp.criterion), sp.mode, state.choice.get("allocation", sp.allocation)
 
 
-def held_apart_perplexity(state: PipelineState, setting: tuple[str, str, str] | None, target: float,
-                          label: str) -> float:
-    """Perplexity on the held-apart windows with the gates of (criterion, mode, allocation) at target, or dense
-    for setting None. The model is left dense afterwards."""
+def dense_first_policy(state: PipelineState) -> int:
+    """Tokens computed dense at the start of every sequence: the recipe's, unless --method auto chose."""
+    return int(state.choice.get("dense_first", state.recipe.sparsity.dense_first))
+
+
+def held_apart_eval(state: PipelineState, setting: tuple[str, str, str] | None, target: float, label: str,
+                    dense_first: int | None = None) -> tuple[float, float]:
+    """(perplexity, realized model-wide sparsity) on the held-apart windows with the gates of (criterion, mode,
+    allocation) at target, or dense for setting None, under the dense-first policy in force (or the one given).
+    Every token is scored, the dense ones included. The model is left dense afterwards."""
     from wina_cli.gating import plan_gates
     from wina_cli.perplexity import perplexity
 
     st, gs = state.stats, state.gateset
     plan = None if setting is None else plan_gates(st, state.allocation, *setting, target)
     gs.apply(plan, st.col_norms, st.in_features)
+    gs.set_dense_until(dense_first_policy(state) if dense_first is None else dense_first)
+    gs.counting(True)
     try:
-        return perplexity(state.model, state.holdout_ids, state.progress, label)
+        ppl = perplexity(state.model, state.holdout_ids, state.progress, label)
+        sizes = state.allocation.sizes.double()
+        realized = float((gs.realized().double() * sizes).sum() / sizes.sum())
+        return ppl, realized
     finally:
+        gs.counting(False)
+        gs.set_dense_until(0)
         gs.apply(None, st.col_norms, st.in_features)
+
+
+def held_apart_perplexity(state: PipelineState, setting: tuple[str, str, str] | None, target: float,
+                          label: str) -> float:
+    return held_apart_eval(state, setting, target, label)[0]
 
 
 class Pass:

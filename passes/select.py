@@ -1,5 +1,7 @@
-"""--method auto, within one transform: measure every criterion x allocation at the recipe's target and mode on
-the held-apart calibration windows and keep the one with the lowest perplexity. The driver (passes.run_calibration)
+"""--method auto, within one transform: measure every criterion x allocation (x dense-first policy, with
+`auto.dense_first`) at the recipe's target and mode on the held-apart calibration windows and keep the one with
+the lowest perplexity. Policies are compared at the same target, so their gates are the same; the sparsity each
+candidate realized on those windows (a dense-first policy realizes a little less) is recorded beside it. The driver (passes.run_calibration)
 runs this once per candidate transform and keeps the best model; every measurement goes into the manifest, so the
 choice can be checked."""
 from __future__ import annotations
@@ -7,7 +9,9 @@ from __future__ import annotations
 from wina_cli.gating import ALLOCATIONS
 from wina_cli.sparse import CRITERIA
 
-from .base import Pass, PassResult, PipelineState, held_apart_perplexity
+from wina_cli.config import auto_dense_first
+
+from .base import Pass, PassResult, PipelineState, held_apart_eval
 
 
 class SelectMethod(Pass):
@@ -22,18 +26,22 @@ class SelectMethod(Pass):
 
     def call(self, state: PipelineState) -> PassResult:
         sp = state.recipe.sparsity
-        dense = held_apart_perplexity(state, None, 0.0, f"dense [{state.transform}]")
+        dense, _ = held_apart_eval(state, None, 0.0, f"dense [{state.transform}]", dense_first=0)
         candidates = []
-        for c in CRITERIA:
-            for a in ALLOCATIONS:
-                ppl = held_apart_perplexity(state, (c, sp.mode, a), sp.target, f"{c}/{a} [{state.transform}]")
-                candidates.append({"transform": state.transform, "criterion": c, "allocation": a, "ppl": ppl,
-                                   "ppl_increase": ppl / dense - 1})
+        for n in auto_dense_first(state.recipe):
+            for c in CRITERIA:
+                for a in ALLOCATIONS:
+                    tag = f"{c}/{a}{f', first {n} dense' if n else ''} [{state.transform}]"
+                    ppl, realized = held_apart_eval(state, (c, sp.mode, a), sp.target, tag, dense_first=n)
+                    candidates.append({"transform": state.transform, "criterion": c, "allocation": a,
+                                       "dense_first": n, "ppl": ppl, "ppl_increase": ppl / dense - 1,
+                                       "realized_sparsity": realized})
         best = min(candidates, key=lambda x: x["ppl"])
-        state.choice = {"criterion": best["criterion"], "allocation": best["allocation"]}
+        state.choice = {"criterion": best["criterion"], "allocation": best["allocation"],
+                        "dense_first": best["dense_first"]}
         state.validation["select"] = {"dense_ppl": dense, "target": sp.target, "mode": sp.mode,
                                       "tokens": int(state.holdout_ids.numel()), "candidates": candidates, "best": best}
-        return PassResult(True, {"criterion": best["criterion"], "allocation": best["allocation"]})
+        return PassResult(True, dict(state.choice))
 
     def ensures(self, state: PipelineState, result: PassResult):
         got = state.validation["select"]

@@ -165,6 +165,33 @@ def test_method_auto_measures_every_candidate_and_keeps_the_best(capsys, tmp_pat
     _bad(capsys, ["calibrate", "--config", cfg, "-o", tmp_path / "p"], 3, "`auto.transforms` has spin")
 
 
+def test_method_auto_tries_gate_policies(capsys, tmp_path, tiny_llama_dir, calib_text):
+    """auto.dense_first: every criterion x allocation also under each first-N-dense policy, at the same target;
+    the sparsity each realized on the held-apart windows is recorded, and the chosen policy is the artifact's."""
+    cfg = tmp_path / "auto.yaml"
+    cfg.write_text(f"model: {tiny_llama_dir}\ndata:\n  path: {calib_text}\n  num_samples: 4\n  seq_len: 64\n"
+                   "method: auto\nauto:\n  transforms: none\n  dense_first: 0,16\nholdout:\n  num_samples: 2\n"
+                   "allocation:\n  num_samples: 2\n  seq_len: 32\n")
+    code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "o", "--json"], capsys)
+    assert code == 0, err
+    auto = as_json(stdout)["validation"]["auto"]
+    cands = {(c["criterion"], c["allocation"], c["dense_first"]): c for c in auto["candidates"]}
+    assert set(cands) == {(c, a, n) for c in ("wina", "teal") for a in ("greedy", "uniform", "global") for n in (0, 16)}
+    for (c, a, n), cand in cands.items():
+        if n:  # the same gates, and a quarter of each 64-token window computed dense: less realized sparsity
+            assert cand["realized_sparsity"] < cands[(c, a, 0)]["realized_sparsity"]
+            assert cand["ppl"] != cands[(c, a, 0)]["ppl"]
+    best = min(auto["candidates"], key=lambda c: c["ppl"])
+    assert auto["chosen"] == best
+    wina = json.loads((tmp_path / "o" / "config.json").read_text())["wina"]
+    assert wina["dense_first"] == best["dense_first"]
+    # the CLI flag reaches the same key
+    code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "p", "--auto-dense-first", "3",
+                                    "--json"], capsys)
+    assert code == 0, err
+    assert {c["dense_first"] for c in as_json(stdout)["validation"]["auto"]["candidates"]} == {3}
+
+
 def test_help_is_fast():
     p = run_sub(["--help"])
     assert p.returncode == 0 and "calibrate" in p.stdout

@@ -76,11 +76,18 @@ def test_quality_keys_are_checked(tmp_path):
     from wina_cli.config import auto_transforms, needs_holdout
 
     assert auto_transforms(r) == ["none", "pca"] and needs_holdout(r)
+    from wina_cli.config import auto_dense_first
+
+    assert auto_dense_first(r) == [4]  # empty: the recipe's own policy only
+    assert auto_dense_first(load_recipe(write(tmp_path, "model: m\nauto:\n  dense_first: 0, 4,4\n"))) == [0, 4]
+    assert auto_dense_first(load_recipe(write(tmp_path, "model: m\nauto:\n  dense_first: 8\n"))) == [8]
     for bad, needle in (("sparsity:\n  max_ppl_increase: -0.1\n", "`sparsity.max_ppl_increase`"),
                         ("sparsity:\n  dense_first: -1\n", "`sparsity.dense_first`"),
                         ("sparsity:\n  allocation: layerwise\n", "`sparsity.allocation`"),
                         ("transform: spin\n", "`transform`"),
                         ("auto:\n  transforms: ''\n", "`auto.transforms`"),
+                        ("auto:\n  dense_first: 0,four\n", "`auto.dense_first`"),
+                        ("auto:\n  dense_first: '-2'\n", "`auto.dense_first`"),
                         ("holdout:\n  num_samples: 0\n", "`holdout.num_samples`")):
         with pytest.raises(ConfigError) as e:
             validate(load_recipe(write(tmp_path, "model: m\ndata:\n  path: d\n" + bad)))

@@ -211,6 +211,24 @@ def test_budget_pass_records_its_search_and_sets_the_target(monkeypatch):
     assert len(b["evaluations"]) >= 3 and b["windows"] == 4
 
 
+def test_budget_search_measures_under_the_gate_policy(monkeypatch):
+    """With a first-N-dense policy the budget's perplexities are measured with those tokens dense, as deployed."""
+    import wina_cli.perplexity as perplexity
+
+    seen = []
+    real = perplexity.perplexity
+
+    def recording(model, windows, progress, label, first_scored=0):
+        seen.append({m.dense_until for m in model.modules() if hasattr(m, "dense_until")})
+        return real(model, windows, progress, label, first_scored)
+
+    monkeypatch.setattr(perplexity, "perplexity", recording)
+    state = run_pipeline("llama", "none", **{"sparsity.max_ppl_increase": 0.05, "sparsity.dense_first": 3,
+                                             "holdout.num_samples": 2})
+    assert "ppl_budget" in state.validation and len(seen) >= 2 and all(s == {3} for s in seen)
+    assert {m.dense_until for m in state.model.modules() if hasattr(m, "dense_until")} == {0}
+
+
 def test_dense_prefix_policy_keeps_the_first_positions_exact(calibrated):
     st, gs, model = calibrated.stats, calibrated.gateset, calibrated.model
     ids = calibrated.calib_ids[:1, :24]

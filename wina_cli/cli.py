@@ -75,6 +75,10 @@ def calibrate(
     method: Optional[str] = typer.Option(None, "--method", help="manual (the recipe's choices) or auto (measure "
                                          "transforms, criteria and allocations on held-apart text, keep the best)."),
     transform: Optional[str] = typer.Option(None, "--transform", help="wina (the paper's rotation), stacked, pca, pca-global or none."),
+    auto_transforms: Optional[str] = typer.Option(None, "--auto-transforms", help="Method auto: the transforms to "
+                                                  "try, e.g. none,pca."),
+    auto_dense_first: Optional[str] = typer.Option(None, "--auto-dense-first", help="Method auto: the first-N-dense "
+                                                   "policies to try, e.g. 0,4."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -87,7 +91,7 @@ def calibrate(
     overrides = {"model": model, "data.path": data, "data.num_samples": num_samples, "data.seq_len": seq_len,
                  "seed": seed, "sparsity.target": sparsity, "sparsity.criterion": criterion,
                  "sparsity.allocation": allocation, "sparsity.mode": mode, "transform": transform, "dtype": dtype,
-                 "method": method,
+                 "method": method, "auto.transforms": auto_transforms, "auto.dense_first": auto_dense_first,
                  "output": output, "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
                                                                                                 "--max-ppl-increase")}
@@ -106,6 +110,7 @@ def calibrate(
 
     from exporters.safetensors import write_artifact
     from passes import run_calibration
+    from passes.base import dense_first_policy
 
     torch.manual_seed(recipe.seed)
     progress = _progress(_want_progress(json_out))
@@ -125,7 +130,7 @@ def calibrate(
         "validation": dict(state.validation),
     }
     wina_block = {"format_version": 1, "transform": state.transform, **state.gates.describe(),
-                  "dense_prompt": recipe.sparsity.dense_prompt, "dense_first": recipe.sparsity.dense_first}
+                  "dense_prompt": recipe.sparsity.dense_prompt, "dense_first": dense_first_policy(state)}
     validation = write_artifact(recipe.output, overwrite=overwrite, model=state.model, tokenizer=state.tokenizer,
                                 stats=state.stats, allocation=state.allocation, plan=state.gates,
                                 dtype=recipe.dtype, wina_block=wina_block, manifest=manifest,

@@ -59,6 +59,8 @@ class AutoSection:
     is tried on each, at the recipe's target and mode."""
 
     transforms: str = "none,wina"  # comma-separated
+    # gate policies it tries: first-N-tokens-dense counts, comma-separated (empty: the recipe's dense_first only)
+    dense_first: str = ""
 
 
 @dataclass
@@ -116,6 +118,8 @@ def _build(cls, data: Any, path: str):
 def _coerce(typ, value, where):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a one-item list such as `auto.dense_first: 4`
     if typ is int and isinstance(value, bool) or not isinstance(value, typ):
         raise ConfigError(f"`{where}` must be {typ.__name__}, got {type(value).__name__} ({value!r})",
                           "the schema fixes each key's type", f"write a {typ.__name__} for `{where}`")
@@ -168,6 +172,7 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
         raise ConfigError(f"`allocation.num_samples` ({recipe.allocation.num_samples}) exceeds "
                           f"`data.num_samples` ({recipe.data.num_samples})",
                           "allocation windows are a subset of the calibration windows", "lower allocation.num_samples")
+    auto_dense_first(recipe)
     if recipe.sparsity.dense_first < 0:
         raise ConfigError(f"`sparsity.dense_first` is {recipe.sparsity.dense_first}", "it counts tokens",
                           "use 0 (off) or a positive count")
@@ -185,6 +190,21 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
 
 def auto_transforms(recipe: Recipe) -> list[str]:
     return [t.strip() for t in recipe.auto.transforms.split(",") if t.strip()]
+
+
+def auto_dense_first(recipe: Recipe) -> list[int]:
+    """The dense-first policies --method auto compares (the recipe's own when auto.dense_first is empty)."""
+    text = str(recipe.auto.dense_first).strip()
+    if not text:
+        return [recipe.sparsity.dense_first]
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = [-1]
+    if not vals or any(v < 0 for v in vals):
+        raise ConfigError(f"`auto.dense_first` is '{text}'", "it lists token counts the first-tokens-dense policy "
+                          "tries (0 = off)", "write a comma-separated list of counts, e.g. 0,4")
+    return list(dict.fromkeys(vals))
 
 
 def needs_holdout(recipe: Recipe) -> bool:
