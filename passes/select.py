@@ -1,15 +1,14 @@
 """--method auto, within one transform: measure every criterion x allocation (x dense-first policy, with
 `auto.dense_first`) at the recipe's target and mode on the held-apart calibration windows and keep the one with
 the lowest perplexity. Policies are compared at the same target, so their gates are the same; the sparsity each
-candidate realized on those windows (a dense-first policy realizes a little less) is recorded beside it. The driver (passes.run_calibration)
-runs this once per candidate transform and keeps the best model; every measurement goes into the manifest, so the
-choice can be checked."""
+candidate realized on those windows (a dense-first policy realizes a little less) is recorded beside it. The
+driver (passes.run_calibration) runs this once per candidate transform and keeps the best model; every
+measurement goes into the manifest, so the choice can be checked."""
 from __future__ import annotations
 
+from wina_cli.config import auto_dense_first
 from wina_cli.gating import ALLOCATIONS
 from wina_cli.sparse import CRITERIA
-
-from wina_cli.config import auto_dense_first
 
 from .base import Pass, PassResult, PipelineState, held_apart_eval
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,11 +143,16 @@ def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tin
                   "--max-ppl-increase", "lots"], 3, "--max-ppl-increase 'lots'")
 
 
-def test_method_auto_measures_every_candidate_and_keeps_the_best(capsys, tmp_path, tiny_llama_dir, calib_text):
+def _auto_config(tmp_path, model_dir, text, auto: str) -> Path:
     cfg = tmp_path / "auto.yaml"
-    cfg.write_text(f"model: {tiny_llama_dir}\ndata:\n  path: {calib_text}\n  num_samples: 4\n  seq_len: 64\n"
-                   "method: auto\nauto:\n  transforms: none,pca-global\nholdout:\n  num_samples: 2\n"
+    cfg.write_text(f"model: {model_dir}\ndata:\n  path: {text}\n  num_samples: 4\n  seq_len: 64\n"
+                   f"method: auto\nauto:\n{auto}holdout:\n  num_samples: 2\n"
                    "allocation:\n  num_samples: 2\n  seq_len: 32\n")
+    return cfg
+
+
+def test_method_auto_measures_every_candidate_and_keeps_the_best(capsys, tmp_path, tiny_llama_dir, calib_text):
+    cfg = _auto_config(tmp_path, tiny_llama_dir, calib_text, "  transforms: none,pca-global\n")
     code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "o", "--json"], capsys)
     assert code == 0, err
     auto = as_json(stdout)["validation"]["auto"]
@@ -168,10 +174,7 @@ def test_method_auto_measures_every_candidate_and_keeps_the_best(capsys, tmp_pat
 def test_method_auto_tries_gate_policies(capsys, tmp_path, tiny_llama_dir, calib_text):
     """auto.dense_first: every criterion x allocation also under each first-N-dense policy, at the same target;
     the sparsity each realized on the held-apart windows is recorded, and the chosen policy is the artifact's."""
-    cfg = tmp_path / "auto.yaml"
-    cfg.write_text(f"model: {tiny_llama_dir}\ndata:\n  path: {calib_text}\n  num_samples: 4\n  seq_len: 64\n"
-                   "method: auto\nauto:\n  transforms: none\n  dense_first: 0,16\nholdout:\n  num_samples: 2\n"
-                   "allocation:\n  num_samples: 2\n  seq_len: 32\n")
+    cfg = _auto_config(tmp_path, tiny_llama_dir, calib_text, "  transforms: none\n  dense_first: 0,16\n")
     code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "o", "--json"], capsys)
     assert code == 0, err
     auto = as_json(stdout)["validation"]["auto"]

@@ -300,9 +300,9 @@ def bench(
     prefill_tokens: int = typer.Option(256, "--prefill-tokens", help="Speed: also time the prefill of a prompt "
                                        "this long (the prompt repeated); 0 skips it."),
     kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Speed: also run the kernel microbenchmark."),
-    kernel_working_set: float = typer.Option(0.0, "--kernel-working-set", help="Speed: MB of weights each kernel "
-                                             "call streams (copies of the matrix), so they come from memory, not "
-                                             "cache; 0: one matrix."),
+    kernel_working_set: float = typer.Option(512.0, "--kernel-working-set", help="Speed: MB of weights each "
+                                             "kernel call streams (distinct copies of the matrix), so they come "
+                                             "from memory as in a decode step, not from cache; 0: one matrix."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
     criteria: str = typer.Option("teal,wina", "--criteria"),

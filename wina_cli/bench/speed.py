@@ -101,7 +101,8 @@ def _op_chain_model(n_in: int, n_out: int, w: np.ndarray, copies: int, threshold
 
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1, n_in])
     outs = [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [1, 1, n_out]) for i in range(copies)]
-    inits = [numpy_helper.from_array(w, f"W{i}") for i in range(copies)]
+    # distinct values per copy: ONNX Runtime may merge initializers whose bytes are equal
+    inits = [numpy_helper.from_array(w * np.float32(1 + i / 1024), f"W{i}") for i in range(copies)]
     opsets = [helper.make_opsetid("", onnx_ops.OPSET)]
     if threshold is None:
         nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"]) for i in range(copies)]
@@ -123,10 +124,10 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
                  log=lambda m: None) -> list[dict]:
     """Gated GEMV vs ONNX Runtime's dense MatMul, fp32 weights [in, out], batch 1, per product.
 
-    With `working_set_mb`, each session multiplies by enough copies of W that one call streams at least that
-    many MB of weights, as a decode step streams every layer's weights from memory; by default one matrix is
-    called again and again, and on a machine whose last-level cache holds hundreds of MB (this one reports 480
-    MB) the smaller shapes are then read from that cache, by both kernels alike. Inputs
+    With `working_set_mb` (`wina bench` passes 512), each session multiplies by enough distinct copies of W that
+    one call streams at least that many MB of weights, as a decode step streams every layer's weights from
+    memory; with 0 one matrix is called again and again, and on a machine whose last-level cache holds hundreds
+    of MB (this one reports 480 MB) the smaller shapes are then read from that cache, by both kernels alike. Inputs
     cycle over `n_inputs` random vectors so the kept rows change from call to call, and the dense and sparse
     sessions take turns burst by burst, so drift in the machine's speed hits all alike."""
     import onnxruntime as ort
