@@ -181,6 +181,12 @@ class DecoderGraph:
                                             "does not model", "export a model with static rotary frequencies")
         return kinds
 
+    @staticmethod
+    def _rope_params(rot, key: str) -> tuple[torch.Tensor, float]:
+        """The frequencies (float32) and attention scaling of one rotary variant ('' or e.g. Gemma 3's 'local')."""
+        inv = getattr(rot, f"{key}_inv_freq" if key else "inv_freq").float()
+        return inv, float(getattr(rot, f"{key}_attention_scaling" if key else "attention_scaling"))
+
     def _rope_tables(self, position_ids: str) -> dict:
         """cos/sin [batch, 1, seq, rot] per rotary variant (Gemma 3 has a local and a global one)."""
         b = self.b
@@ -189,9 +195,8 @@ class DecoderGraph:
         pos = b.op("Unsqueeze", [b.op("Cast", [position_ids], "posf", to=TensorProto.FLOAT), b.i64(-1)])
         tables = {}
         for key in kinds:
-            inv = getattr(rot, f"{key}_inv_freq" if key else "inv_freq")
-            scaling = float(getattr(rot, f"{key}_attention_scaling" if key else "attention_scaling"))
-            freqs = b.op("Mul", [pos, b.f32(f"rope{('_' + key) if key else ''}.inv_freq", inv.float())], "freqs")
+            inv, scaling = self._rope_params(rot, key)
+            freqs = b.op("Mul", [pos, b.f32(f"rope{('_' + key) if key else ''}.inv_freq", inv)], "freqs")
             emb = b.op("Concat", [freqs, freqs], "emb", axis=-1)
             cos, sin = b.op("Cos", [emb]), b.op("Sin", [emb])
             if scaling != 1.0:
@@ -210,8 +215,7 @@ class DecoderGraph:
         pos = torch.arange(self.max_positions, dtype=torch.float32)[:, None]
         caches = {}
         for key in kinds:
-            inv = getattr(rot, f"{key}_inv_freq" if key else "inv_freq").float()
-            scaling = float(getattr(rot, f"{key}_attention_scaling" if key else "attention_scaling"))
+            inv, scaling = self._rope_params(rot, key)
             freqs = pos * inv[None, :]
             tag = f"rope{('_' + key) if key else ''}"
             caches[key] = (b.f32(f"{tag}.cos_cache", freqs.cos() * scaling),
