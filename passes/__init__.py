@@ -43,6 +43,7 @@ def run_calibration(recipe, progress=lambda m: None):
     from wina_cli.config import auto_transforms
 
     from .base import PipelineReport, PipelineState
+    from .select import rank
 
     if recipe.method != "auto":
         state = PipelineState(recipe=recipe, progress=progress)
@@ -56,19 +57,28 @@ def run_calibration(recipe, progress=lambda m: None):
         report = build_pipeline(r, head_only=True).run(state)
         sel = state.validation["select"]
         tried += sel["candidates"]
-        if best is None or sel["best"]["ppl"] < best[0].validation["select"]["best"]["ppl"]:
+        budget = sel["budget"] is not None
+        if best is None or rank(sel["best"], budget) > rank(best[0].validation["select"]["best"], budget):
             best = (state, report)
         del state
     state, report = best
-    chosen = state.validation["select"]["best"]
+    sel = state.validation["select"]
+    chosen = sel["best"]
+    if sel["budget"] is not None:
+        dropped = sum(not c["within_budget"] for c in tried)
+        criterion = (f"highest realized sparsity within +{sel['budget'] * 100:g}% of dense perplexity on "
+                     f"{sel['tokens']} held-apart calibration tokens ({recipe.sparsity.mode} mode) among "
+                     f"{len(tried)} candidates ({dropped} dropped after one measurement)")
+    else:
+        criterion = (f"lowest perplexity on {sel['tokens']} held-apart calibration tokens at "
+                     f"{'realized sparsity' if recipe.auto.match_realized else 'target'} {recipe.sparsity.target} "
+                     f"({recipe.sparsity.mode} mode) among {len(tried)} candidates")
     state.validation["auto"] = {
-        "candidates": tried, "chosen": chosen, "dense_ppl": state.validation["select"]["dense_ppl"],
-        "reason": f"lowest perplexity on {state.validation['select']['tokens']} held-apart calibration tokens at "
-                  f"target {recipe.sparsity.target} ({recipe.sparsity.mode} mode) among {len(tried)} candidates: "
-                  f"{chosen['transform']} / {chosen['criterion']} / {chosen['allocation']}"
+        "candidates": tried, "chosen": chosen, "dense_ppl": sel["dense_ppl"],
+        "reason": f"{criterion}: {chosen['transform']} / {chosen['criterion']} / {chosen['allocation']}"
                   f"{' / first ' + str(chosen['dense_first']) + ' tokens dense' if chosen['dense_first'] else ''} "
                   f"({chosen['ppl_increase'] * 100:+.1f}% over dense, realized sparsity "
-                  f"{chosen['realized_sparsity']:.3f})"}
+                  f"{chosen['realized_sparsity']:.3f} at gate target {chosen['gate_target']:.3f})"}
     state.progress = progress
     report.passes += tail_pipeline(recipe).run(state).passes
     return state, PipelineReport(report.passes)

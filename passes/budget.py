@@ -32,18 +32,21 @@ class PerplexityBudget(Pass):
         windows = state.holdout_ids
         dense = held_apart_perplexity(state, None, 0.0, "dense")
         limit = dense * (1 + sp.max_ppl_increase)
-        trace = []
+        # --method auto with a budget already ran this search for the candidate it chose (select.within_budget,
+        # same windows, limit and policy): its measurements are reused, so the search below repeats none of them.
+        chosen = state.validation.get("select", {}).get("best", {})
+        cache = {p["target"]: p["ppl"] for p in chosen.get("measured", [])} if "within_budget" in chosen else {}
+        reused = len(cache)
 
         def ppl_at(t: float) -> float:
-            ppl = held_apart_perplexity(state, setting, t, f"at {t:.3f}")
-            trace.append([round(t, 6), ppl])
-            return ppl
+            return held_apart_perplexity(state, setting, t, f"at {t:.3f}")
 
-        target, ppl = max_sparsity_within(ppl_at, limit, hi=MAX_TARGET)
+        target, ppl = max_sparsity_within(ppl_at, limit, hi=MAX_TARGET, cache=cache)
         state.target = target
         found = {"max_ppl_increase": sp.max_ppl_increase, "dense_ppl": dense, "ppl": ppl,
                  "ppl_increase": ppl / dense - 1, "target": target, "windows": int(windows.shape[0]),
-                 "tokens": int(windows.numel()), "evaluations": trace}
+                 "tokens": int(windows.numel()), "evaluations": sorted([t, p] for t, p in cache.items()),
+                 "reused_from_select": reused}
         state.validation["ppl_budget"] = found
         return PassResult(True, {"target": target, "ppl_increase": round(ppl / dense - 1, 5)})
 

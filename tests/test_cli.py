@@ -181,13 +181,32 @@ def test_method_auto_tries_gate_policies(capsys, tmp_path, tiny_llama_dir, calib
     cands = {(c["criterion"], c["allocation"], c["dense_first"]): c for c in auto["candidates"]}
     assert set(cands) == {(c, a, n) for c in ("wina", "teal") for a in ("greedy", "uniform", "global") for n in (0, 16)}
     for (c, a, n), cand in cands.items():
+        first = cand["measured"][0]  # at the recipe's target: the gates of the policy-free candidate
+        assert first["target"] == cands[(c, a, 0)]["measured"][0]["target"] == 0.5
         if n:  # the same gates, and a quarter of each 64-token window computed dense: less realized sparsity
-            assert cand["realized_sparsity"] < cands[(c, a, 0)]["realized_sparsity"]
-            assert cand["ppl"] != cands[(c, a, 0)]["ppl"]
+            assert first["realized"] < cands[(c, a, 0)]["measured"][0]["realized"]
+            assert first["ppl"] != cands[(c, a, 0)]["measured"][0]["ppl"]
+        # compared at the realized sparsity asked for: a candidate off it by more than 0.005 was measured again
+        # at a target moved by the difference, and its figures are read at 0.5 between the two measurements
+        if abs(first["realized"] - 0.5) > 0.005:
+            assert len(cand["measured"]) == 2 and cand["realized_sparsity"] == 0.5
+            assert cand["measured"][1]["target"] == pytest.approx(1.0 - first["realized"])
+        else:
+            assert len(cand["measured"]) == 1 and cand["gate_target"] == 0.5
+    assert any(len(c["measured"]) == 2 for c in auto["candidates"])  # the first-16-dense ones at least
     best = min(auto["candidates"], key=lambda c: c["ppl"])
     assert auto["chosen"] == best
     wina = json.loads((tmp_path / "o" / "config.json").read_text())["wina"]
     assert wina["dense_first"] == best["dense_first"]
+    # the artifact's gates are set at the target that realized the requested sparsity for the chosen candidate
+    assert wina["target"] == pytest.approx(best["gate_target"], abs=1e-6)
+    # at the same target instead: one measurement each, and the recipe's target is the artifact's
+    code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "q", "--auto-same-target",
+                                    "--json"], capsys)
+    assert code == 0, err
+    same = as_json(stdout)["validation"]["auto"]["candidates"]
+    assert all(len(c["measured"]) == 1 and c["gate_target"] == 0.5 for c in same)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["wina"]["target"] == 0.5
     # the CLI flag reaches the same key
     code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "p", "--auto-dense-first", "3",
                                     "--json"], capsys)

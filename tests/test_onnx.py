@@ -114,12 +114,13 @@ def _rows_model(op: str, n_in: int, n_out: int, **attrs) -> bytes:
 
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "function"])
-def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native):
+@pytest.mark.parametrize("seq", [5, 40], ids=["rows", "gemm"])  # 2 x 40 rows: the native GEMM-on-masked-X path
+def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native, seq):
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((2, 5, 40)).astype(np.float32)
+    x = rng.standard_normal((2, seq, 40)).astype(np.float32)
     w = rng.standard_normal((40, 24)).astype(np.float32)
     scale = rng.random(40).astype(np.float32) + 0.1
-    dense = np.array([True, False, True, False, False])
+    dense = np.resize(np.array([True, False, True, False, False]), seq)
     feeds = {"X": x, "W": w, "scale": scale, "dense": dense}
     thr = float(np.median(np.abs(x) * scale))
     for op, kw, ref_kw in ((onnx_ops.GATED_ROWS, {"threshold": thr}, {"threshold": thr}),
@@ -132,7 +133,7 @@ def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native):
         np.testing.assert_allclose(got[:, 0], x[:, 0] @ w, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
         assert np.abs(got[:, 1] - x[:, 1] @ w).max() > 1e-2, "an unflagged row must stay gated"
         # every position flagged (a dense prompt): the native kernel hands the call to ONNX Runtime's MatMul
-        every = _run(_rows_model(op, 40, 24, **kw), use_native, {**feeds, "dense": np.ones(5, bool)})
+        every = _run(_rows_model(op, 40, 24, **kw), use_native, {**feeds, "dense": np.ones(seq, bool)})
         np.testing.assert_allclose(every, x @ w, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
     if use_native:  # one flag per position, or a clear error
         with pytest.raises(Exception, match="one flag per position"):

@@ -253,3 +253,78 @@ def test_dense_prefix_policy_keeps_the_first_positions_exact(calibrated):
     assert not torch.allclose(policy[:, 10:], dense[:, 10:], atol=1e-2)
     assert not torch.allclose(sparse[:, :10], dense[:, :10], atol=1e-2)
     assert torch.allclose(stepped, policy, atol=1e-4)
+
+
+def test_auto_reads_each_candidate_at_the_realized_sparsity_asked_for():
+    """A candidate whose gates realize less than their target is measured once more at a target moved by the
+    difference, and read at the requested realized sparsity between the two measurements (exact when log
+    perplexity is linear in realized sparsity, as here)."""
+    from passes.select import at_realized
+
+    calls = []
+
+    def measure(t):  # realizes 0.04 less than its target, perplexity e^(2 + 3 r)
+        calls.append(t)
+        r = t - 0.04
+        return float(torch.tensor(2 + 3 * r).exp()), r
+
+    got = at_realized(measure, 0.5, match=True)
+    assert calls == [0.5, pytest.approx(0.54)]
+    assert got["realized_sparsity"] == 0.5 and got["gate_target"] == pytest.approx(0.54)
+    assert got["ppl"] == pytest.approx(float(torch.tensor(3.5).exp()), rel=1e-6)
+    assert [p["realized"] for p in got["measured"]] == [pytest.approx(0.46), pytest.approx(0.5)]
+    # within tolerance, or not matching: one measurement, read where it landed
+    calls.clear()
+    near = at_realized(lambda t: (10.0, t + 0.003), 0.5, match=True)
+    assert len(near["measured"]) == 1 and near["realized_sparsity"] == 0.503 and near["gate_target"] == 0.5
+    same = at_realized(measure, 0.5, match=False)
+    assert calls == [0.5] and same["realized_sparsity"] == pytest.approx(0.46) and same["gate_target"] == 0.5
+    # gates that do not move the realized sparsity leave nothing to interpolate on: the first measurement stands
+    flat = at_realized(lambda t: (7.0, 0.3), 0.5, match=True)
+    assert len(flat["measured"]) == 2 and flat["ppl"] == 7.0 and flat["realized_sparsity"] == 0.3
+
+
+def test_auto_with_a_budget_keeps_the_candidate_that_skips_most_within_it(monkeypatch):
+    """With --max-ppl-increase, auto runs the budget's search per candidate and keeps the highest realized
+    sparsity; a candidate over the budget at the incumbent's target that realizes no more there is dropped after
+    that one measurement; the budget pass then reuses the winner's search instead of measuring again. Perplexity
+    and realized sparsity are a known function of the gate setting here: the selection logic is under test."""
+    import passes.budget
+    import passes.select
+
+    calls = []
+
+    def fake(state, setting, target, label, dense_first=None):
+        calls.append((setting, target))
+        if setting is None:
+            return 100.0, 0.0
+        criterion, _, allocation = setting
+        k = 1.0 if (criterion, allocation) == ("teal", "uniform") else 3.0  # +5% at 0.2236, else at 0.0745
+        return 100.0 * (1 + (k * target) ** 2), target * (0.9 if allocation == "global" else 1.0)
+
+    monkeypatch.setattr(passes.select, "held_apart_eval", fake)
+    monkeypatch.setattr(passes.budget, "held_apart_perplexity", lambda *a, **k: fake(*a, **k)[0])
+    n_select = []
+    real_call = passes.budget.PerplexityBudget.call
+
+    def budget_call(self, state):
+        n_select.append(len(calls))
+        return real_call(self, state)
+
+    monkeypatch.setattr(passes.budget.PerplexityBudget, "call", budget_call)
+    state = run_pipeline("llama", "none", **{"method": "auto", "sparsity.max_ppl_increase": 0.05,
+                                             "holdout.num_samples": 2})
+    sel = state.validation["select"]
+    cands = {(c["criterion"], c["allocation"]): c for c in sel["candidates"]}
+    assert (sel["best"]["criterion"], sel["best"]["allocation"]) == ("teal", "uniform")
+    assert 0.2236 - 0.005 <= sel["best"]["gate_target"] <= 0.2236 and sel["best"]["within_budget"]
+    for key in (("wina", "greedy"), ("teal", "greedy")):
+        assert 0.0745 - 0.005 <= cands[key]["gate_target"] <= 0.0745
+    dropped = cands[("teal", "global")]  # over the budget at 0.2236, and realizes 0.9 x 0.2236 there
+    assert not dropped["within_budget"] and len(dropped["measured"]) == 1
+    assert dropped["measured"][0]["target"] == sel["best"]["gate_target"]
+    # the budget pass measured only its dense reference, and found the winner's target again
+    b = state.validation["ppl_budget"]
+    assert calls[n_select[0]:] == [(None, 0.0)] and b["reused_from_select"] == len(sel["best"]["measured"])
+    assert b["target"] == sel["best"]["gate_target"] == state.gates.target
+    assert state.choice == {"criterion": "teal", "allocation": "uniform", "dense_first": 0}

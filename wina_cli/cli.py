@@ -79,6 +79,10 @@ def calibrate(
                                                   "try, e.g. none,pca."),
     auto_dense_first: Optional[str] = typer.Option(None, "--auto-dense-first", help="Method auto: the first-N-dense "
                                                    "policies to try, e.g. 0,4."),
+    auto_match_realized: Optional[bool] = typer.Option(None, "--auto-match-realized/--auto-same-target",
+                                                       help="Method auto: compare candidates at the same realized "
+                                                       "sparsity on the held-apart windows (default), or at the "
+                                                       "same gate target (half the measurements)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -92,6 +96,7 @@ def calibrate(
                  "seed": seed, "sparsity.target": sparsity, "sparsity.criterion": criterion,
                  "sparsity.allocation": allocation, "sparsity.mode": mode, "transform": transform, "dtype": dtype,
                  "method": method, "auto.transforms": auto_transforms, "auto.dense_first": auto_dense_first,
+                 "auto.match_realized": auto_match_realized,
                  "output": output, "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
                                                                                                 "--max-ppl-increase")}
@@ -162,7 +167,8 @@ def calibrate(
         b = state.validation["ppl_budget"]
         out.print(f"perplexity budget +{b['max_ppl_increase'] * 100:g}%: highest target {b['target']:.3f} "
                   f"(calibration perplexity {b['ppl']:.3f} vs dense {b['dense_ppl']:.3f}, "
-                  f"{b['ppl_increase'] * 100:+.2f}%, on {b['tokens']} tokens, {len(b['evaluations'])} evaluations)")
+                  f"{b['ppl_increase'] * 100:+.2f}%, on {b['tokens']} tokens, {len(b['evaluations'])} evaluations"
+                  f"{', those of method auto' if b.get('reused_from_select') else ''})")
     out.print(f"export check: dense max |delta| = {validation['dense']['max_abs_delta']:.3g}, "
               f"sparse max |delta| = {validation['sparse']['max_abs_delta']:.3g}")
     out.print(f"done in {seconds:.1f} s, peak memory {peak:.0f} MB")

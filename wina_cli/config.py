@@ -55,12 +55,15 @@ class HoldoutSection:
 
 @dataclass
 class AutoSection:
-    """--method auto: the transforms it tries (each is a calibration of its own); every criterion and allocation
-    is tried on each, at the recipe's target and mode."""
+    """--method auto: the transforms it tries (each is a calibration of its own); every criterion, allocation and
+    policy is tried on each, in the recipe's mode, at its target (realized) or, with a budget, within it."""
 
     transforms: str = "none,wina"  # comma-separated
     # gate policies it tries: first-N-tokens-dense counts, comma-separated (empty: the recipe's dense_first only)
     dense_first: str = ""
+    # compare candidates at the same realized sparsity on the held-apart windows (one more measurement for a
+    # candidate whose gates at the target realize more than 0.005 off it), not at the same gate target
+    match_realized: bool = True
 
 
 @dataclass

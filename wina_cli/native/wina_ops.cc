@@ -346,6 +346,17 @@ struct GatedKernel {
     matmul = Ort::Op::Create(info, "MatMul", "", 13, names, types, 1, nullptr, 0, 2, 1);
   }
 
+  // Y = masked X times W by ONNX Runtime's MatMul. `masked` is a scratch buffer of the calling thread, shared by
+  // every node (a buffer per node would keep a prompt's worth of X alive for each of them).
+  void matmul_masked(OrtKernelContext* context, const GatedArgs& args, std::vector<float>& masked) {
+    auto xshape = Ort::ConstValue(args.x_value).GetTensorTypeAndShapeInfo().GetShape();
+    auto mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+    Ort::Value xm = Ort::Value::CreateTensor<float>(mem, masked.data(), masked.size(), xshape.data(), xshape.size());
+    const OrtValue* inputs[] = {static_cast<const OrtValue*>(xm), args.w_value};
+    OrtValue* outputs[] = {args.y_value};
+    matmul.Invoke(context, inputs, 2, outputs, 1);
+  }
+
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const GatedArgs args = read_args(ctx);
@@ -372,6 +383,26 @@ struct GatedKernel {
         return;
       }
     }
+    // Many rows (a prefill): gathering each row's kept weight rows reads W once per token, while ONNX Runtime's
+    // blocked GEMM reads each weight tile once for many tokens. With float32 weights the call becomes that GEMM
+    // on X with its dropped channels zeroed, which computes the same products (a zeroed channel adds 0 * W).
+    const bool gemm = !args.f16 && nrows >= kGemmRows;
+    if (gemm && !topk) {
+      // The threshold rule zeroes X's dropped channels in one pass, without listing the kept ones.
+      thread_local std::vector<float> masked;
+      masked.resize(static_cast<size_t>(nrows * in));
+      for (int64_t r = 0; r < nrows; ++r) {
+        const float* src = xp + r * in;
+        float* dst = masked.data() + r * in;
+        if (dense != nullptr && dense[r % positions]) {
+          std::copy(src, src + in, dst);
+          continue;
+        }
+        for (int64_t i = 0; i < in; ++i) dst[i] = std::fabs(src[i]) * sp[i] > threshold ? src[i] : 0.0f;
+      }
+      matmul_masked(context, args, masked);
+      return;
+    }
     rows.resize(nrows);
     for (int64_t r = 0; r < nrows; ++r) {
       if (dense != nullptr && dense[r % positions])
@@ -381,12 +412,7 @@ struct GatedKernel {
       else
         keep_threshold(xp + r * in, sp, in, threshold, rows[r]);
     }
-    // Many rows (a prefill): gathering each row's kept weight rows reads W once per token, while ONNX Runtime's
-    // blocked GEMM reads each weight tile once for many tokens. With float32 weights the call becomes that GEMM
-    // on X with its dropped channels zeroed, which computes the same products (a zeroed channel adds 0 * W).
-    if (!args.f16 && nrows >= kGemmRows) {
-      // One scratch buffer per calling thread, shared by every node (a buffer per node would keep a prompt's
-      // worth of X alive for each of them).
+    if (gemm) {  // top-k: the kept channels listed above, scattered into a zeroed X
       thread_local std::vector<float> masked;
       masked.assign(static_cast<size_t>(nrows * in), 0.0f);
       for (int64_t r = 0; r < nrows; ++r) {
@@ -394,13 +420,7 @@ struct GatedKernel {
         const Kept& kr = rows[r];
         for (size_t a = 0; a < kr.idx.size(); ++a) dst[kr.idx[a]] = kr.val[a];
       }
-      auto xshape = Ort::ConstValue(args.x_value).GetTensorTypeAndShapeInfo().GetShape();
-      auto mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
-      Ort::Value xm = Ort::Value::CreateTensor<float>(mem, masked.data(), masked.size(), xshape.data(),
-                                                      xshape.size());
-      const OrtValue* inputs[] = {static_cast<const OrtValue*>(xm), args.w_value};
-      OrtValue* outputs[] = {args.y_value};
-      matmul.Invoke(context, inputs, 2, outputs, 1);
+      matmul_masked(context, args, masked);
       return;
     }
     // Each task sums whole weight rows (long contiguous reads, which the hardware prefetcher streams well) of a
