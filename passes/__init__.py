@@ -54,6 +54,8 @@ def run_calibration(recipe, progress=lambda m: None):
         r = copy.deepcopy(recipe)
         r.transform = t
         state = PipelineState(recipe=r, progress=lambda m, t=t: progress(f"[auto: {t}] {m}"))
+        if best is not None and recipe.sparsity.max_ppl_increase > 0:
+            state.incumbent = best[0].validation["select"]["best"]  # later transforms' candidates must beat it
         report = build_pipeline(r, head_only=True).run(state)
         sel = state.validation["select"]
         tried += sel["candidates"]

@@ -38,6 +38,7 @@ class PipelineState:
     gateset: Any = None  # allocate: wina_cli.gating.GateSet, the model's gated projections
     allocation: Any = None  # allocate: wina_cli.gating.Allocation
     choice: dict = field(default_factory=dict)  # select: criterion, allocation, dense_first picked (else the recipe's)
+    incumbent: Any = None  # run_calibration (auto with a budget): the best candidate of the transforms tried before
     target: Any = None  # select (the target realizing the recipe's sparsity) or ppl_budget; else the recipe's
     gates: Any = None  # set_gates: wina_cli.gating.GatePlan
     validation: dict = field(default_factory=dict)  # any pass's measured checks

@@ -11,9 +11,10 @@ linear in sparsity, a short step). The chosen candidate's gates are set at that 
 
 With a perplexity budget (`--max-ppl-increase p`) the question is another one: which candidate skips the most
 within (1 + p) of dense. Each candidate then gets the budget's own search (passes.budget), and the one whose target
-found realizes the highest sparsity wins. A candidate is first measured at the best target found so far; when it is
-over the budget there and realizes no more than the best, it cannot win (realized sparsity rises with the target)
-and is dropped after that one measurement. The budget pass then reuses the winner's search.
+found realizes the highest sparsity wins. A candidate is first measured at the best target found so far (by any
+transform tried before, too); when it is over the budget there and realizes no more than the best, it cannot win
+(realized sparsity rises with the target) and is dropped after that one measurement. The budget pass then reuses
+the winner's search.
 
 The driver (passes.run_calibration) runs this once per candidate transform and keeps the best model; every
 measurement goes into the manifest, so the choice can be checked."""
@@ -93,11 +94,14 @@ class SelectMethod(Pass):
         budget = sp.max_ppl_increase > 0
         dense, _ = held_apart_eval(state, None, 0.0, f"dense [{state.transform}]", dense_first=0)
         limit = dense * (1 + sp.max_ppl_increase)
-        candidates, incumbent = [], None
-        for n in auto_dense_first(state.recipe):
+        candidates, incumbent = [], state.incumbent
+        policies = auto_dense_first(state.recipe)
+        total = len(policies) * len(CRITERIA) * len(ALLOCATIONS)
+        for n in policies:
             for c in CRITERIA:
                 for a in ALLOCATIONS:
-                    tag = f"{c}/{a}{f', first {n} dense' if n else ''} [{state.transform}]"
+                    tag = (f"candidate {len(candidates) + 1}/{total} [{state.transform}]: "
+                           f"{c}/{a}{f', first {n} dense' if n else ''}")
 
                     def measure(t, c=c, a=a, n=n, tag=tag):
                         return held_apart_eval(state, (c, sp.mode, a), t, f"{tag} at {t:.3f}", dense_first=n)
@@ -125,8 +129,12 @@ class SelectMethod(Pass):
         if any(rank(c, budget) > rank(got["best"], budget) for c in got["candidates"]):
             raise self.fail("the choice is not the best candidate measured", "this is a bug", "report it")
         if budget:
-            if got["best"]["ppl"] > got["limit"] * (1 + 1e-9) and got["best"]["gate_target"] > 0:
+            best = got["best"]
+            if best["within_budget"] and best["ppl"] > got["limit"] * (1 + 1e-9) and best["gate_target"] > 0:
                 raise self.fail("the choice exceeds the perplexity budget", "this is a bug", "report it")
+            if not best["within_budget"] and state.incumbent is None:
+                raise self.fail("every candidate was dropped with no earlier best to lose to", "this is a bug",
+                                "report it")
         elif got["match_realized"]:
             off = [c for c in got["candidates"] if abs(c["realized_sparsity"] - got["target"]) > MATCH_TOLERANCE
                    and abs(c["measured"][-1]["realized"] - c["measured"][0]["realized"]) >= 1e-6]

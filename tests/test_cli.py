@@ -171,6 +171,33 @@ def test_method_auto_measures_every_candidate_and_keeps_the_best(capsys, tmp_pat
     _bad(capsys, ["calibrate", "--config", cfg, "-o", tmp_path / "p"], 3, "`auto.transforms` has spin")
 
 
+def test_method_auto_within_a_budget(capsys, tmp_path, tiny_llama_dir, calib_text):
+    """--method auto with --max-ppl-increase: each candidate gets the budget's search (or is dropped after one
+    measurement), across transforms; the artifact's gates are at the winner's target, found again by the budget
+    pass from the winner's own measurements."""
+    cfg = _auto_config(tmp_path, tiny_llama_dir, calib_text, "  transforms: none,pca-global\n")
+    code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "o", "--max-ppl-increase", "2%",
+                                    "--json"], capsys)
+    assert code == 0, err
+    val = as_json(stdout)["validation"]
+    auto, budget = val["auto"], val["ppl_budget"]
+    assert "highest realized sparsity within +2% of dense perplexity" in auto["reason"]
+    cands = auto["candidates"]
+    assert len(cands) == 12 and {c["transform"] for c in cands} == {"none", "pca-global"}
+    within = [c for c in cands if c["within_budget"]]
+    chosen = auto["chosen"]
+    assert chosen in within and chosen["realized_sparsity"] == max(c["realized_sparsity"] for c in within)
+    assert chosen["ppl"] <= auto["dense_ppl"] * 1.02 * (1 + 1e-9)
+    for c in cands:
+        if not c["within_budget"]:  # over the budget at a better candidate's target, no sparser there
+            assert len(c["measured"]) == 1 and c["ppl"] > c["ppl"] / (1 + c["ppl_increase"]) * 1.02
+    assert budget["reused_from_select"] == len(chosen["measured"]) and budget["target"] == chosen["gate_target"]
+    wina = json.loads((tmp_path / "o" / "config.json").read_text())["wina"]
+    assert wina["target"] == pytest.approx(chosen["gate_target"], abs=1e-6)
+    assert (wina["transform"], wina["criterion"], wina["allocation"]) == (chosen["transform"], chosen["criterion"],
+                                                                          chosen["allocation"])
+
+
 def test_method_auto_tries_gate_policies(capsys, tmp_path, tiny_llama_dir, calib_text):
     """auto.dense_first: every criterion x allocation also under each first-N-dense policy, at the same target;
     the sparsity each realized on the held-apart windows is recorded, and the chosen policy is the artifact's."""

@@ -328,3 +328,12 @@ def test_auto_with_a_budget_keeps_the_candidate_that_skips_most_within_it(monkey
     assert calls[n_select[0]:] == [(None, 0.0)] and b["reused_from_select"] == len(sel["best"]["measured"])
     assert b["target"] == sel["best"]["gate_target"] == state.gates.target
     assert state.choice == {"criterion": "teal", "allocation": "uniform", "dense_first": 0}
+    # a transform tried before left a better candidate: each one here is measured at its target first, and only
+    # teal/uniform (+4% there) is searched further
+    state.incumbent = {"gate_target": 0.2, "realized_sparsity": 0.9, "within_budget": True, "ppl": 100.0}
+    select = passes.select.SelectMethod()
+    select.ensures(state, select.call(state))
+    again = state.validation["select"]["candidates"]
+    dropped = [c for c in again if not c["within_budget"]]
+    assert len(dropped) == 5 and all(len(c["measured"]) == 1 and c["measured"][0]["target"] == 0.2 for c in dropped)
+    assert state.validation["select"]["best"]["criterion"] == "teal"
