@@ -346,8 +346,14 @@ struct GatedKernel {
     matmul = Ort::Op::Create(info, "MatMul", "", 13, names, types, 1, nullptr, 0, 2, 1);
   }
 
-  // Y = masked X times W by ONNX Runtime's MatMul. `masked` is a scratch buffer of the calling thread, shared by
-  // every node (a buffer per node would keep a prompt's worth of X alive for each of them).
+  // X with its dropped channels zeroed: one buffer per calling thread, shared by every node (a buffer per node
+  // would keep a prompt's worth of X alive for each of them).
+  static std::vector<float>& masked_scratch() {
+    thread_local std::vector<float> buf;
+    return buf;
+  }
+
+  // Y = masked X times W, by ONNX Runtime's MatMul.
   void matmul_masked(OrtKernelContext* context, const GatedArgs& args, std::vector<float>& masked) {
     auto xshape = Ort::ConstValue(args.x_value).GetTensorTypeAndShapeInfo().GetShape();
     auto mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
@@ -389,7 +395,7 @@ struct GatedKernel {
     const bool gemm = !args.f16 && nrows >= kGemmRows;
     if (gemm && !topk) {
       // The threshold rule zeroes X's dropped channels in one pass, without listing the kept ones.
-      thread_local std::vector<float> masked;
+      std::vector<float>& masked = masked_scratch();
       masked.resize(static_cast<size_t>(nrows * in));
       for (int64_t r = 0; r < nrows; ++r) {
         const float* src = xp + r * in;
@@ -413,7 +419,7 @@ struct GatedKernel {
         keep_threshold(xp + r * in, sp, in, threshold, rows[r]);
     }
     if (gemm) {  // top-k: the kept channels listed above, scattered into a zeroed X
-      thread_local std::vector<float> masked;
+      std::vector<float>& masked = masked_scratch();
       masked.assign(static_cast<size_t>(nrows * in), 0.0f);
       for (int64_t r = 0; r < nrows; ++r) {
         float* dst = masked.data() + r * in;
