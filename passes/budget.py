@@ -30,12 +30,14 @@ class PerplexityBudget(Pass):
         sp = state.recipe.sparsity
         setting = gate_setting(state)
         windows = state.holdout_ids
-        dense = held_apart_perplexity(state, None, 0.0, "dense")
+        # --method auto with a budget already measured dense and ran this search for the candidate it chose
+        # (select.within_budget, same windows, limit and policy): both are reused, so nothing is measured twice.
+        select = state.validation.get("select", {})
+        chosen = select.get("best", {})
+        from_select = "within_budget" in chosen
+        dense = select["dense_ppl"] if from_select else held_apart_perplexity(state, None, 0.0, "dense")
         limit = dense * (1 + sp.max_ppl_increase)
-        # --method auto with a budget already ran this search for the candidate it chose (select.within_budget,
-        # same windows, limit and policy): its measurements are reused, so the search below repeats none of them.
-        chosen = state.validation.get("select", {}).get("best", {})
-        cache = {p["target"]: p["ppl"] for p in chosen.get("measured", [])} if "within_budget" in chosen else {}
+        cache = {p["target"]: p["ppl"] for p in chosen["measured"]} if from_select else {}
         reused = len(cache)
 
         def ppl_at(t: float) -> float:

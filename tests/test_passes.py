@@ -323,9 +323,11 @@ def test_auto_with_a_budget_keeps_the_candidate_that_skips_most_within_it(monkey
     dropped = cands[("teal", "global")]  # over the budget at 0.2236, and realizes 0.9 x 0.2236 there
     assert not dropped["within_budget"] and len(dropped["measured"]) == 1
     assert dropped["measured"][0]["target"] == sel["best"]["gate_target"]
-    # the budget pass measured only its dense reference, and found the winner's target again
+    # the budget pass measured nothing (the dense reference and the winner's search are the selection's), and
+    # found the winner's target again
     b = state.validation["ppl_budget"]
-    assert calls[n_select[0]:] == [(None, 0.0)] and b["reused_from_select"] == len(sel["best"]["measured"])
+    assert calls[n_select[0]:] == [] and b["reused_from_select"] == len(sel["best"]["measured"])
+    assert b["dense_ppl"] == sel["dense_ppl"]
     assert b["target"] == sel["best"]["gate_target"] == state.gates.target
     assert state.choice == {"criterion": "teal", "allocation": "uniform", "dense_first": 0}
     # a transform tried before left a better candidate: each one here is measured at its target first, and only
