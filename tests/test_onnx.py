@@ -140,6 +140,68 @@ def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native, seq)
             _run(_rows_model(onnx_ops.GATED_ROWS, 40, 24, threshold=thr), True, {**feeds, "dense": dense[:3]})
 
 
+def _fused_model(n_in: int, outs: list[int], wtype: int, thresholds: list[float], dense_rows: bool) -> bytes:
+    n = len(outs)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None),
+              helper.make_tensor_value_info("W", wtype, [n_in, sum(outs)])]
+    inputs += [helper.make_tensor_value_info(f"scale{p}", TensorProto.FLOAT, [n_in]) for p in range(n)]
+    if dense_rows:
+        inputs.append(helper.make_tensor_value_info("dense", TensorProto.BOOL, None))
+    ys = [helper.make_tensor_value_info(f"Y{p}", TensorProto.FLOAT, None) for p in range(n)]
+    node = helper.make_node(onnx_ops.fused_name(n, dense_rows), [i.name for i in inputs], [y.name for y in ys],
+                            domain=onnx_ops.DOMAIN, thresholds=thresholds, splits=outs)
+    m = helper.make_model(helper.make_graph([node], "fused", inputs, ys),
+                          opset_imports=[helper.make_opsetid("", onnx_ops.OPSET),
+                                         helper.make_opsetid(onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION)],
+                          functions=onnx_ops.functions())
+    m.ir_version = 10
+    return m.SerializeToString()
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "function"])
+@pytest.mark.parametrize("wdtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dense_rows", [False, True], ids=["plain", "dense-rows"])
+@pytest.mark.parametrize("shape,n_in,n_out", CASES)
+def test_fused_gated_matmul_matches_each_projection(use_native, wdtype, dense_rows, shape, n_in, n_out):
+    """FusedGatedMatMul2/3 (weights side by side): each output is what GatedMatMul gives for its own column block,
+    scale and threshold; a projection with threshold -inf keeps every channel; one that drops everything gives
+    zeros."""
+    rng = np.random.default_rng(n_out)
+    x = rng.standard_normal(shape).astype(np.float32)
+    wtype = TensorProto.FLOAT if wdtype == np.float32 else TensorProto.FLOAT16
+    dense = np.resize(np.array([False, True, False]), shape[-2])
+    for outs in ([n_out, max(1, n_out // 3)], [n_out, 7, max(1, n_out // 2)]):
+        ws = [rng.standard_normal((n_in, o)).astype(wdtype) for o in outs]
+        scales = [rng.random(n_in).astype(np.float32) + 0.1 for _ in outs]
+        half = [float(np.median(np.abs(x) * s)) for s in scales]
+        for thresholds in (half, [-np.inf] + half[1:], half[:-1] + [1e9]):
+            feeds = {"X": x, "W": np.concatenate(ws, axis=1), **{f"scale{p}": s for p, s in enumerate(scales)}}
+            if dense_rows:
+                feeds["dense"] = dense
+            got = _run_all(_fused_model(n_in, outs, wtype, thresholds, dense_rows), use_native, feeds)
+            assert len(got) == len(outs)
+            for p, (w, s, thr) in enumerate(zip(ws, scales, thresholds)):
+                _, keep = _reference(x, w, s, threshold=thr)
+                if dense_rows:
+                    keep = keep | dense[..., :, None]
+                ref = (x * keep) @ w.astype(np.float32)
+                what = f"projection {p} of {len(outs)}, threshold {thr}"
+                np.testing.assert_allclose(got[p], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max() + 1e-5,
+                                           err_msg=what)
+                if thr == -np.inf and not dense_rows:
+                    np.testing.assert_allclose(got[p], x @ w.astype(np.float32), rtol=1e-4,
+                                               atol=1e-4 * np.abs(ref).max(), err_msg=what)
+                if thr == 1e9 and not dense_rows:
+                    assert np.all(got[p] == 0.0), what
+
+
+def _run_all(model: bytes, use_native: bool, feeds: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    if use_native:
+        so.register_custom_ops_library(str(native.cpu_library()))
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
 # -- graphs of every family --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def family_artifacts(tmp_path_factory):
@@ -166,10 +228,13 @@ def test_graph_of_every_family_validates(family, attention, family_artifacts, tm
     tiny models' sliding windows); here we check what it recorded and that the graph is what it claims."""
     from exporters.onnx.export import export_onnx
 
-    for dense in (True, False):
-        out = tmp_path / ("dense" if dense else "sparse")
-        m = export_onnx(str(family_artifacts[family]), str(out), dense=dense, attention=attention)
-        assert m["graph"]["attention"] == attention
+    fused_kinds = {onnx_ops.fused_name(n, False) for n in onnx_ops.FUSED_ARITIES}
+    # one node per projection (the default), dense and sparse; fused projections too, with fused attention
+    fused_too = ((True, True), (False, True)) if attention == "fused" else ()
+    for dense, fuse in ((True, False), (False, False)) + fused_too:
+        out = tmp_path / f"{'dense' if dense else 'sparse'}-{fuse}"
+        m = export_onnx(str(family_artifacts[family]), str(out), dense=dense, attention=attention, fuse=fuse)
+        assert m["graph"]["attention"] == attention and m["graph"]["fused"] == fuse
         v = m["validation"]
         assert v["decode_steps"] == 16 and set(v["runs"]) == {"native_kernels", "function_bodies"}
         for run in v["runs"].values():
@@ -177,11 +242,21 @@ def test_graph_of_every_family_validates(family, attention, family_artifacts, tm
         model = onnx.load(str(out / "model.onnx"))
         kinds = {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN}
         assert (m["graph"]["gated_ops"] == 0) == dense
-        assert kinds == (set() if dense else {onnx_ops.GATED})
+        # q/k/v and gate/up: one node each per layer when fused (a fused op, or one MatMul where none is gated)
+        assert m["graph"]["fused_ops"] == (2 * m["graph"]["num_layers"] if fuse else 0)
+        matmuls = sum(n.op_type == "MatMul" and n.name.split("_")[-2].count("+") > 0 for n in model.graph.node)
+        assert m["graph"]["fused_ops"] == matmuls + sum(n.op_type in fused_kinds for n in model.graph.node)
+        if dense:
+            assert kinds == set()
+        elif fuse:
+            assert kinds & fused_kinds and kinds <= fused_kinds | {onnx_ops.GATED}
+        else:
+            assert kinds == {onnx_ops.GATED}
         contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
         assert contrib == ({"GroupQueryAttention", "RotaryEmbedding"} if attention == "fused" else set())
         assert {f.name for f in model.functions} == {onnx_ops.GATED, onnx_ops.TOPK, onnx_ops.GATED_ROWS,
-                                                     onnx_ops.TOPK_ROWS}
+                                                     onnx_ops.TOPK_ROWS} | fused_kinds | {
+            onnx_ops.fused_name(n, True) for n in onnx_ops.FUSED_ARITIES}
         names = [i.name for i in model.graph.input]
         assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.0.key" in names
         assert json.loads(dict((p.key, p.value) for p in model.metadata_props)["wina.manifest"])["gates"] == m["gates"]
@@ -434,6 +509,29 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     r = run_sub(["env", "--json"])
     e = as_json(r.stdout)
     assert e["native_kernels"] and e["native_kernels_load"] is True
+
+
+def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, tmp_path):
+    """--fuse: q/k/v and gate/up as one node each (weights side by side); the speed bench's own dense reference is
+    then fused too, and both count the same weight bytes per projection as unfused graphs do."""
+    from wina_cli.bench import speed
+
+    art = family_artifacts["llama"]
+    r = run_sub(["export", art, "--format", "onnx", "--fuse", "-o", tmp_path / "fused", "--json"])
+    assert r.returncode == 0, r.stderr
+    g = as_json(r.stdout)["graph"]
+    assert g["fused"] is True and g["fused_ops"] == 2 * g["num_layers"]
+    r = run_sub(["bench", art, "--onnx", tmp_path / "fused", "--decode-steps", "2", "--warmup", "1",
+                 "--prefill-tokens", "0", "--no-kernel", "--json"])
+    assert r.returncode == 0, r.stderr
+    b = as_json(r.stdout)
+    assert b["fused_projections"] == {"dense": True, "sparse": True}
+    r = run_sub(["export", art, "--format", "onnx", "--dense", "-o", tmp_path / "dense", "--json"])
+    assert r.returncode == 0 and as_json(r.stdout)["graph"]["fused"] is False
+    r = run_sub(["export", art, "--format", "onnx", "-o", tmp_path / "single"])
+    assert r.returncode == 0, r.stderr
+    assert b["weight_bytes_per_token"]["dense"] == speed.bytes_per_token(speed.weight_bytes(tmp_path / "dense"))
+    assert speed.weight_bytes(tmp_path / "fused") == speed.weight_bytes(tmp_path / "single")
 
 
 def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_path):

@@ -188,6 +188,10 @@ def export(
     attention: str = typer.Option("fused", "--attention",
                                   help="ONNX: fused (ONNX Runtime's GroupQueryAttention and RotaryEmbedding) or "
                                        "plain (standard ops only)."),
+    fuse: bool = typer.Option(False, "--fuse/--no-fuse",
+                              help="ONNX: the projections that read one input (q/k/v, gate/up) as one node with "
+                                   "their weights side by side, in sparse and dense graphs alike (default: one "
+                                   "node per projection)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     json_out: bool = typer.Option(False, "--json"),
 ):
@@ -219,13 +223,15 @@ def export(
         from .onnx_runtime import describe_gates
 
         manifest = export_onnx(str(artifact), output, weight_dtype=dtype, sparsity=sparsity, dense=dense,
-                               overwrite=overwrite, decode_steps=decode_steps, attention=attention, log=progress)
+                               overwrite=overwrite, decode_steps=decode_steps, attention=attention, fuse=fuse,
+                               log=progress)
         if json_out:
             _emit_json({"output": output, "format": format, "dtype": dtype, **manifest})
             return
         g = manifest["graph"]
-        out.print(f"graph: {g['gated_ops']} ai.wina gated ops, {g['dense_matmuls']} dense projections, "
-                  f"{g['attention']} attention, opset {g['opset']['']}, {g['weight_dtype']} weights; gates "
+        out.print(f"graph: {g['gated_ops']} gated projections, {g['dense_matmuls']} dense projections"
+                  + (f" ({g['fused_ops']} fused nodes)" if g["fused_ops"] else "")
+                  + f", {g['attention']} attention, opset {g['opset']['']}, {g['weight_dtype']} weights; gates "
                   f"{describe_gates(manifest['gates'])}")
         v = manifest["validation"]
         for label, r in v["runs"].items():
@@ -481,11 +487,12 @@ def _export_dense_reference(artifact: Path, out_dir: Path, graph: dict, tmp) -> 
 
     from .errors import WinaError
 
-    # The same weight dtype and attention lowering as the sparse export, so the two differ only in their gates
-    # (exports written before the attention option existed used plain attention).
+    # The same weight dtype, attention lowering and projection fusion as the sparse export, so the two differ only
+    # in their gates (exports written before those options existed used plain attention and single projections).
     p = subprocess.run([sys.executable, "-m", "wina_cli", "export", str(artifact), "--format", "onnx", "--dense",
                         "--dtype", graph["weight_dtype"], "--attention", graph.get("attention", "plain"),
-                        "-o", str(out_dir)], capture_output=True, text=True)
+                        "--fuse" if graph.get("fused", False) else "--no-fuse", "-o", str(out_dir)],
+                       capture_output=True, text=True)
     if p.returncode != 0:
         tmp.cleanup()
         err = WinaError(f"exporting the dense reference graph failed (exit {p.returncode})",
@@ -542,6 +549,8 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         realized = speed.realized_on_decode(rt, ids, runs["sparse"].tokens)
         sizes = rt.allocation.sizes.numpy()
         model_realized = float((realized * sizes).sum() / sizes.sum())
+        fused = {"dense": read_onnx_manifest(onnx_dense)["graph"].get("fused", False),
+                 "sparse": sparse_manifest["graph"].get("fused", False)}
         wb = speed.weight_bytes(onnx)
         read = {"dense": speed.bytes_per_token(speed.weight_bytes(onnx_dense)),
                 "sparse": speed.bytes_per_token(wb, realized)}
@@ -557,7 +566,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         "decode_tokens_per_s": {"dense": d.tokens_per_s, "sparse": s_.tokens_per_s},
         "decode_ms_per_token": {"dense": d.ms_per_token, "sparse": s_.ms_per_token},
         "decode_speedup": d.ms_per_token / s_.ms_per_token,
-        "weight_bytes_per_token": read,
+        "weight_bytes_per_token": read, "fused_projections": fused,
         "weight_gb_per_s": {k: read[k] / (runs[k].ms_per_token / 1e3) / 1e9 for k in read},
         "peak_rss_mb": {"dense": d.peak_rss_mb, "sparse": s_.peak_rss_mb},
         "prefill_tokens": prefill_tokens, "prefill_ms": {"dense": d.prefill_ms, "sparse": s_.prefill_ms},
@@ -701,8 +710,9 @@ def _inspect_onnx(folder: Path, verify: bool, json_out: bool) -> None:
     out.print(f"source artifact: {src.get('path')} (transform {src.get('transform')}, manifest sha256 "
               f"{str(src.get('manifest_sha256'))[:16]}...)")
     out.print(f"graph: {g.get('model_type')}, {g.get('num_layers')} layers, {g.get('weight_dtype')} weights, opset "
-              f"{g.get('opset')}, IR {g.get('ir_version')}; {g.get('gated_ops')} ai.wina gated ops, "
-              f"{g.get('dense_matmuls')} dense projections, {g.get('attention', 'plain')} attention")
+              f"{g.get('opset')}, IR {g.get('ir_version')}; {g.get('gated_ops')} gated projections, "
+              f"{g.get('dense_matmuls')} dense projections, {g.get('attention', 'plain')} attention, "
+              f"{g.get('fused_ops', 0)} fused nodes")
     out.print(f"gates: {describe_gates(m.get('gates', {}))}")
     v = m.get("validation", {})
     for label, r in v.get("runs", {}).items():

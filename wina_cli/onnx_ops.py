@@ -10,6 +10,13 @@ A gate policy (some token positions computed dense: the prompt, or the first N t
 variants, which take a fourth input `dense` bool [S], one flag per position of X [B, S, in]: a flagged row keeps
 every channel. They are separate ops rather than an optional input because a function body cannot test whether
 an optional input was given.
+
+The projections that read one input (q, k, v; gate, up) can be one node, `ai.wina.FusedGatedMatMul2` or `...3`
+(X, W, scale_1, ..., scale_N) -> (Y_1, ..., Y_N) with W [in, sum(splits)] their weights side by side (attribute
+`splits`: each one's width) and attribute `thresholds` (one per projection; -inf for one that keeps every channel):
+Y_p is what `GatedMatMul(X, W_p, scale_p)` gives with threshold p, W_p being W's column block p. Side by side, an
+input channel's weights for all N are one contiguous row, which the native kernel reads in one run. One op per
+arity, because a function body has a fixed number of inputs and outputs.
 """
 from __future__ import annotations
 
@@ -23,6 +30,11 @@ GATED = "GatedMatMul"
 TOPK = "TopKMatMul"
 GATED_ROWS = "GatedMatMulDenseRows"
 TOPK_ROWS = "TopKMatMulDenseRows"
+FUSED_ARITIES = (2, 3)
+
+
+def fused_name(n: int, dense_rows: bool) -> str:
+    return f"FusedGatedMatMul{n}" + ("DenseRows" if dense_rows else "")
 
 
 def _ref_attr(name: str, ref: str, kind: int) -> onnx.AttributeProto:
@@ -96,6 +108,32 @@ def _function(name: str, nodes: list[onnx.NodeProto], attr: str, dense_rows: boo
                                 attributes=[attr])
 
 
+def _fused_function(n: int, dense_rows: bool) -> onnx.FunctionProto:
+    """W split into its column blocks (attribute `splits`), then GatedMatMul's body once per projection, with
+    threshold p from the `thresholds` list."""
+    thr_all = helper.make_node("Constant", [], ["thr_all"])
+    thr_all.attribute.append(_ref_attr("value_floats", "thresholds", onnx.AttributeProto.FLOATS))
+    splits = helper.make_node("Constant", [], ["splits"])
+    splits.attribute.append(_ref_attr("value_ints", "splits", onnx.AttributeProto.INTS))
+    nodes = [thr_all, splits, helper.make_node("Split", ["W", "splits"], [f"W{p}" for p in range(n)], axis=1)]
+    shared = {"X", "dense", "thr_all"}
+    for p in range(n):
+        part = [helper.make_node("Constant", [], ["p"], value=helper.make_tensor("p", TensorProto.INT64, [], [p])),
+                helper.make_node("Gather", ["thr_all", "p"], ["thr"], axis=0)] + _gated_nodes()[:2] \
+            + _gated_nodes()[3:]
+        if dense_rows:
+            part = _with_dense_rows(part, "keep")
+        rename = {"W": f"W{p}", "scale": f"scale{p}", "Y": f"Y{p}"}
+        for node in part:
+            node.input[:] = [i if i in shared else rename.get(i, f"{i}_{p}") for i in node.input]
+            node.output[:] = [o if o in shared else rename.get(o, f"{o}_{p}") for o in node.output]
+        nodes += part
+    inputs = ["X", "W"] + [f"scale{p}" for p in range(n)] + (["dense"] if dense_rows else [])
+    return helper.make_function(DOMAIN, fused_name(n, dense_rows), inputs, [f"Y{p}" for p in range(n)], nodes,
+                                [helper.make_opsetid("", OPSET)], attributes=["thresholds", "splits"])
+
+
 def functions() -> list[onnx.FunctionProto]:
     return [_function(GATED, _gated_nodes(), "threshold", False), _function(TOPK, _topk_nodes(), "k", False),
-            _function(GATED_ROWS, _gated_nodes(), "threshold", True), _function(TOPK_ROWS, _topk_nodes(), "k", True)]
+            _function(GATED_ROWS, _gated_nodes(), "threshold", True), _function(TOPK_ROWS, _topk_nodes(), "k", True)] \
+        + [_fused_function(n, rows) for n in FUSED_ARITIES for rows in (False, True)]

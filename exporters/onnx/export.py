@@ -201,7 +201,8 @@ def save_model(model: onnx.ModelProto, folder: Path, external_above: int = PROTO
 
 def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sparsity: float | None = None,
                 dense: bool = False, overwrite: bool = False, decode_steps: int = 16, seed: int = 0,
-                external_above: int = PROTOBUF_LIMIT, attention: str = "fused", log=lambda m: None) -> dict:
+                external_above: int = PROTOBUF_LIMIT, attention: str = "fused", fuse: bool = False,
+                log=lambda m: None) -> dict:
     if attention not in ATTENTION:
         raise ConfigError(f"unknown attention lowering '{attention}'",
                           f"the exporter writes {' or '.join(ATTENTION)} attention",
@@ -219,7 +220,7 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
     rt.use_plan(plan)
     _round_weights(rt, weight_dtype)
     log("building the ONNX graph")
-    builder = DecoderGraph(rt, dense=plan is None, weight_dtype=weight_dtype, attention=attention)
+    builder = DecoderGraph(rt, dense=plan is None, weight_dtype=weight_dtype, attention=attention, fuse=fuse)
     model = builder.build()
     cfg = rt.model.config
     manifest = {
@@ -228,7 +229,8 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
                             "source": src.manifest.get("source", {}), "transform": src.wina.get("transform")},
         "gates": plan.describe() if plan is not None else {"dense": True},
         "graph": {"opset": {o.domain: o.version for o in model.opset_import}, "ir_version": model.ir_version,
-                  "attention": attention, "max_positions": builder.max_positions,
+                  "attention": attention, "fused": fuse, "fused_ops": builder.b.counts["fused"],
+                  "max_positions": builder.max_positions,
                   "weight_dtype": weight_dtype, "gated_ops": builder.b.counts["gated"],
                   "dense_matmuls": builder.b.counts["dense"], "num_layers": len(rt.adapter.layers()),
                   "num_kv_heads": builder.kv_heads, "head_dim": builder.head_dim, "vocab_size": int(cfg.vocab_size),

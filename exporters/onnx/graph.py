@@ -39,7 +39,7 @@ class _Builder:
         self.inits: list[onnx.TensorProto] = []
         self._n = 0
         self._consts: dict = {}
-        self.counts = {"gated": 0, "dense": 0}
+        self.counts = {"gated": 0, "dense": 0, "fused": 0}
         self.gated: list[tuple[int, str, str]] = []  # (layer, projection, input name) of every gated node
 
     def _name(self, hint: str) -> str:
@@ -116,8 +116,9 @@ def _softcap(b: _Builder, x: str, cap) -> str:
 class DecoderGraph:
     """Builds the graph of one runtime (its gates as currently in force; `dense=True` ignores them)."""
 
-    def __init__(self, rt: Runtime, *, dense: bool, weight_dtype: str = "float32", attention: str = "fused"):
-        self.rt, self.dense, self.attention = rt, dense, attention
+    def __init__(self, rt: Runtime, *, dense: bool, weight_dtype: str = "float32", attention: str = "fused",
+                 fuse: bool = False):
+        self.rt, self.dense, self.attention, self.fuse = rt, dense, attention, fuse
         self.model, self.adapter, self.cfg = rt.model, rt.adapter, rt.model.config
         self.b = _Builder(weight_dtype)
         act = getattr(self.cfg, "hidden_activation", None) or getattr(self.cfg, "hidden_act", None)
@@ -139,24 +140,40 @@ class DecoderGraph:
         self.max_positions = int(getattr(self.cfg, "max_position_embeddings", 0) or 4096)
 
     # -- pieces ------------------------------------------------------------------------------------------------
-    def _linear(self, l: int, layer, proj: str, x: str) -> str:
-        b = self.b
+    def _weight(self, layer, proj: str):
+        """The [out, in] weight and the bias (or None) of one logical projection."""
         p = self.adapter.proj(layer, proj)
         module = self.adapter.module(layer, p.module_path)
         w = module.weight if p.rows is None else module.weight[p.rows[0]:p.rows[1]]
         bias = module.bias if p.rows is None or module.bias is None else module.bias[p.rows[0]:p.rows[1]]
-        wname = b.weight(f"layers.{l}.{proj}.weight_t", w.t())
+        return w, bias
+
+    def _gate(self, l: int, proj: str, n_in: int):
+        """The gate in force on a projection, or None where it keeps every channel."""
         gate = None if self.dense else self.rt.gateset.segments[l][proj].gate
-        n_in = w.shape[1]
         if gate is not None and gate.mode == "topk" and gate.k >= n_in:
             gate = None
+        return gate
+
+    def _scale(self, l: int, proj: str, gate, n_in: int) -> str:
+        return self.b.f32(f"layers.{l}.{proj}.scale", gate.scale if gate is not None and gate.scale is not None
+                          else torch.ones(n_in))
+
+    def _bias(self, l: int, proj: str, y: str, bias) -> str:
+        return y if bias is None else self.b.op("Add", [y, self.b.f32(f"layers.{l}.{proj}.bias", bias)],
+                                                f"l{l}_{proj}_b")
+
+    def _linear(self, l: int, layer, proj: str, x: str) -> str:
+        b = self.b
+        w, bias = self._weight(layer, proj)
+        wname = b.weight(f"layers.{l}.{proj}.weight_t", w.t())
+        n_in = w.shape[1]
+        gate = self._gate(l, proj, n_in)
         if gate is None:
             y = b.op("MatMul", [x, b.as_float(wname)], f"l{l}_{proj}")
             b.counts["dense"] += 1
         else:
-            scale = gate.scale if gate.scale is not None else torch.ones(n_in)
-            sname = b.f32(f"layers.{l}.{proj}.scale", scale)
-            args = [x, wname, sname] + ([self.dense_rows] if self.dense_rows else [])
+            args = [x, wname, self._scale(l, proj, gate, n_in)] + ([self.dense_rows] if self.dense_rows else [])
             if gate.mode == "topk" and gate.k > 0:
                 y = b.op(ops.TOPK_ROWS if self.dense_rows else ops.TOPK, args, f"l{l}_{proj}", domain=ops.DOMAIN,
                          k=int(gate.k))
@@ -166,9 +183,47 @@ class DecoderGraph:
                          threshold=thr)
             b.counts["gated"] += 1
             b.gated.append((l, proj, x))
-        if bias is not None:
-            y = b.op("Add", [y, b.f32(f"layers.{l}.{proj}.bias", bias)], f"l{l}_{proj}_b")
-        return y
+        return self._bias(l, proj, y, bias)
+
+    def _linears(self, l: int, layer, projs: tuple[str, ...], x: str) -> list[str]:
+        """The projections that read one input. With `fuse`, their weights side by side in one initializer: in a
+        sparse graph one FusedGatedMatMulN node where a threshold gates any of them (a dense one joins with
+        threshold -inf; top-k gates stay single ops), otherwise one MatMul, split, as in a dense graph, so both
+        graphs are fused alike."""
+        if not self.fuse or len(projs) not in ops.FUSED_ARITIES:
+            return [self._linear(l, layer, p, x) for p in projs]
+        b = self.b
+        weights = [self._weight(layer, p) for p in projs]
+        n_in = weights[0][0].shape[1]
+        gates = [self._gate(l, p, n_in) for p in projs]
+        if any(g is not None and g.mode == "topk" for g in gates):
+            return [self._linear(l, layer, p, x) for p in projs]
+        gated = [p for p, g in zip(projs, gates) if g is not None]
+        if gated and len(gated) < len(projs):
+            # a dense projection beside gated ones stays a plain MatMul: it streams its whole matrix, which is
+            # faster than reading it as the scattered column blocks of the rows the others skip
+            ys = dict(zip(gated, self._linears(l, layer, tuple(gated), x) if len(gated) > 1
+                          else [self._linear(l, layer, gated[0], x)]))
+            return [ys[p] if p in ys else self._linear(l, layer, p, x) for p in projs]
+        tag = "+".join(projs)
+        widths = [int(w.shape[0]) for w, _ in weights]
+        # side by side: W [in, sum(widths)]; the weight's name lists its projections (weight_bytes reads it)
+        wname = b.weight(f"layers.{l}.{tag}.weight_t", torch.cat([w for w, _ in weights]).t())
+        if all(g is None for g in gates):
+            ys = b.op("Split", [b.op("MatMul", [x, b.as_float(wname)], f"l{l}_{tag}"), b.i64(*widths)],
+                      f"l{l}_split", n_out=len(projs), axis=-1)
+            b.counts["dense"] += len(projs)
+        else:
+            scales = [self._scale(l, p, g, n_in) for p, g in zip(projs, gates)]
+            b.gated += [(l, p, x) for p, g in zip(projs, gates) if g is not None]
+            thresholds = [-math.inf if g is None else float(g.threshold) for g in gates]
+            ys = b.op(ops.fused_name(len(projs), bool(self.dense_rows)),
+                      [x, wname, *scales] + ([self.dense_rows] if self.dense_rows else []), f"l{l}_{tag}",
+                      n_out=len(projs), domain=ops.DOMAIN, thresholds=thresholds, splits=widths)
+            b.counts["gated"] += sum(g is not None for g in gates)
+            b.counts["dense"] += sum(g is None for g in gates)
+        b.counts["fused"] += 1
+        return [self._bias(l, p, y, bias) for p, y, (_, bias) in zip(projs, ys, weights)]
 
     @staticmethod
     def _rope_kinds(rot) -> dict:
@@ -303,9 +358,9 @@ class DecoderGraph:
             return b.op("Reshape", [t, b.i64(0, 0, n * D)], "flat")
 
         cache = caches.get(getattr(attn, "layer_type", None)) or caches[""]
-        q = self._rope_fused(normed(self._linear(l, layer, "q", x), H, getattr(attn, "q_norm", None)), H, cache)
-        k = self._rope_fused(normed(self._linear(l, layer, "k", x), KV, getattr(attn, "k_norm", None)), KV, cache)
-        v = self._linear(l, layer, "v", x)
+        q, k, v = self._linears(l, layer, ("q", "k", "v"), x)
+        q = self._rope_fused(normed(q, H, getattr(attn, "q_norm", None)), H, cache)
+        k = self._rope_fused(normed(k, KV, getattr(attn, "k_norm", None)), KV, cache)
         bias = biases[self._sliding_window(layer)]
         seqlens, total = self.gqa_lengths
         attrs = {"num_heads": H, "kv_num_heads": KV, "scale": float(attn.scaling)}
@@ -338,9 +393,10 @@ class DecoderGraph:
                 t = _rms(b, t, norm, off, f"layers.{l}.{'q' if n == H else 'k'}_norm")
             return b.op("Transpose", [t], "bhsd", perm=[0, 2, 1, 3])
 
-        q = heads(self._linear(l, layer, "q", x), H, getattr(attn, "q_norm", None))
-        k = heads(self._linear(l, layer, "k", x), KV, getattr(attn, "k_norm", None))
-        v = heads(self._linear(l, layer, "v", x), KV, None)
+        q, k, v = self._linears(l, layer, ("q", "k", "v"), x)
+        q = heads(q, H, getattr(attn, "q_norm", None))
+        k = heads(k, KV, getattr(attn, "k_norm", None))
+        v = heads(v, KV, None)
         layer_type = getattr(attn, "layer_type", None)
         table = tables.get(layer_type) or tables[""]
         q, k = self._apply_rope(q, table), self._apply_rope(k, table)
@@ -368,8 +424,8 @@ class DecoderGraph:
 
     def _mlp(self, l: int, layer, x: str) -> str:
         b = self.b
-        g = _activation(b, self._linear(l, layer, "gate", x), self.act)
-        return self._linear(l, layer, "down", b.op("Mul", [g, self._linear(l, layer, "up", x)], "gated_up"))
+        gate, up = self._linears(l, layer, ("gate", "up"), x)
+        return self._linear(l, layer, "down", b.op("Mul", [_activation(b, gate, self.act), up], "gated_up"))
 
     def _half(self, l: int, layer, h: str, which: str, body) -> tuple[str, tuple]:
         b, ad = self.b, self.adapter

@@ -195,17 +195,44 @@ def weight_bytes(folder: str | Path) -> dict[str, int]:
 
     m = onnx.load(str(Path(folder) / ONNX_MODEL), load_external_data=False)
     cast_inputs = {n.input[0] for n in m.graph.node if n.op_type == "Cast"}
+    widths = _fused_widths(m)
     out: dict[str, int] = {}
     for t in m.graph.initializer:
         half = t.data_type == onnx.TensorProto.FLOAT16 and t.name not in cast_inputs
         n = int(np.prod(t.dims)) * (2 if half else 4)
         if t.name.endswith(".weight_t") and t.name.startswith("layers."):
-            out[t.name[: -len(".weight_t")]] = n
+            name = t.name[: -len(".weight_t")]
+            if "+" in name:  # projections side by side (a fused node): each one's columns
+                _, l, tag = name.split(".")
+                w = widths[t.name]
+                for p, wp in zip(tag.split("+"), w):
+                    out[f"layers.{l}.{p}"] = n * wp // sum(w)
+            else:
+                out[name] = n
         elif t.name == "lm_head.weight_t":
             out["lm_head"] = n
         elif ".shortcut_" in t.name or ".post_rot_" in t.name:
             out["basis"] = out.get("basis", 0) + n
     return out
+
+
+def _fused_widths(m) -> dict[str, list[int]]:
+    """Weights of projections side by side: their widths, from the fused op's `splits` or the Split after a dense
+    graph's MatMul."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in m.graph.initializer}
+    producer_of = {o: n for n in m.graph.node for o in n.output}
+    widths = {}
+    for n in m.graph.node:
+        if n.domain == onnx_ops.DOMAIN and n.op_type.startswith("FusedGatedMatMul"):
+            widths[n.input[1]] = list(next(helper.get_attribute_value(a) for a in n.attribute if a.name == "splits"))
+        elif n.op_type == "Split" and n.input[0] in producer_of and producer_of[n.input[0]].op_type == "MatMul":
+            w = producer_of[n.input[0]].input[1]
+            w = producer_of[w].input[0] if w in producer_of and producer_of[w].op_type == "Cast" else w
+            if w.endswith(".weight_t") and len(n.input) > 1 and n.input[1] in inits:
+                widths[w] = [int(v) for v in numpy_helper.to_array(inits[n.input[1]])]
+    return widths
 
 
 def bytes_per_token(wbytes: dict[str, int], realized=None) -> float:
