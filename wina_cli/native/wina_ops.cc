@@ -134,21 +134,17 @@ inline void sweep8_f32(float* __restrict y, const float* const* r, const float* 
 #endif
 
 // Kept rows are scattered, so each is a new memory stream that the hardware prefetcher only picks up after a few
-// misses. The rows up to kPrefetchAhead bytes ahead (8 to 32 rows) are prefetched whole into L2, not L1: on this
-// project's machines that read SmolLM2-sized matrices 14-27% faster per byte than prefetching the first 4 KB of the
-// rows 16 ahead into L1, which the prefetched rows then overflowed (bench: the op chains of `wina bench --kernel`).
-constexpr int64_t kPrefetchAhead = 256 * 1024;
-
-inline size_t rows_ahead(int64_t row_bytes) {
-  const int64_t rows = (kPrefetchAhead + row_bytes - 1) / std::max<int64_t>(row_bytes, 1);
-  return static_cast<size_t>(std::clamp<int64_t>(rows, 8, 32) / 8 * 8);
-}
+// misses; the rows two sweeps ahead are prefetched, up to kPrefetchBytes of each. (Measured with and without, on
+// SmolLM2 and Llama shapes: within run-to-run noise; kept from the previous kernel. Session 7 tried whole rows into
+// L2 up to 256 KB ahead: op chains looked 14-27% faster until the sessions' order was swapped, then within noise.)
+constexpr int64_t kPrefetchBytes = 4096;
 
 inline void prefetch_rows(const char* w, int64_t stride_bytes, int64_t row_bytes, const int32_t* idx, size_t a,
                           size_t a1) {
+  const int64_t n = std::min(row_bytes, kPrefetchBytes);
   for (size_t q = a; q < std::min(a + 8, a1); ++q) {
     const char* r = w + static_cast<int64_t>(idx[q]) * stride_bytes;
-    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(r + off, 0, 2);
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(r + off, 0, 3);
   }
 }
 
@@ -256,10 +252,10 @@ void accumulate(float* __restrict y, const T* __restrict w, int64_t stride, int6
   const char* wb = reinterpret_cast<const char*>(w);
   const int64_t stride_bytes = stride * static_cast<int64_t>(sizeof(T));
   const int64_t row_bytes = out * static_cast<int64_t>(sizeof(T));
-  const size_t ahead = rows_ahead(row_bytes);
-  for (size_t d = 0; d < ahead; d += 8) prefetch_rows(wb, stride_bytes, row_bytes, idx, a + d, a1);
+  prefetch_rows(wb, stride_bytes, row_bytes, idx, a, a1);
+  prefetch_rows(wb, stride_bytes, row_bytes, idx, a + 8, a1);
   for (; a + 8 <= a1; a += 8) {
-    prefetch_rows(wb, stride_bytes, row_bytes, idx, a + ahead, a1);
+    prefetch_rows(wb, stride_bytes, row_bytes, idx, a + 16, a1);
     const T* r[8];
     for (int q = 0; q < 8; ++q) r[q] = w + static_cast<int64_t>(idx[a + q]) * stride;
     sweep8(y, r, val + a, out);
@@ -504,8 +500,8 @@ struct GatedKernel : KernelBase {
 // side, so an input channel's weights for all N are one contiguous row; projection p keeps channel i when
 // |x_i| * scale_p[i] > thresholds[p] (-inf: the projection is dense). The masks of projections that read the same
 // input largely agree, so most kept channels are read as one long row instead of N short scattered ones (in a
-// chain of SmolLM2's q/k/v and gate/up products, 11-12% faster than separate GatedMatMuls; in a whole decode step,
-// where other ops run in between, within 1%).
+// chain of SmolLM2's q/k/v and gate/up products, 4-15% faster than separate GatedMatMuls, whichever ran first; in a
+// whole decode step, where other ops run in between, 0.6-5%).
 struct FusedJob {
   const float* x;
   int64_t in;
