@@ -420,20 +420,26 @@ def policy_artifacts(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["single", "fused"])
 @pytest.mark.parametrize("policy", ["first", "prompt"])
-def test_gate_policies_export_to_onnx(policy, policy_artifacts, tmp_path, capsys):
+def test_gate_policies_export_to_onnx(policy, fuse, policy_artifacts, tmp_path, capsys):
     """A policy artifact exports with the dense-rows ops (validated on export against the torch runtime under
     the same policy); run here, the positions the policy names come out exactly as the dense graph's and the
     others do not."""
     from exporters.onnx.export import export_onnx
     from wina_cli.onnx_runtime import OnnxDecoder
 
-    m = export_onnx(str(policy_artifacts[policy]), str(tmp_path / "sparse"))
-    export_onnx(str(policy_artifacts[policy]), str(tmp_path / "dense"), dense=True)
+    m = export_onnx(str(policy_artifacts[policy]), str(tmp_path / "sparse"), fuse=fuse)
+    export_onnx(str(policy_artifacts[policy]), str(tmp_path / "dense"), dense=True, fuse=fuse)
     pol = m["gates"]["policy"]
     assert (pol["dense_first"], pol["dense_prompt"]) == ((4, False) if policy == "first" else (0, True))
     model = onnx.load(str(tmp_path / "sparse" / "model.onnx"))
-    assert {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN} == {onnx_ops.GATED_ROWS}
+    kinds = {n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN}
+    if fuse:
+        fused_rows = {onnx_ops.fused_name(n, True) for n in onnx_ops.FUSED_ARITIES}
+        assert kinds & fused_rows and kinds <= fused_rows | {onnx_ops.GATED_ROWS}
+    else:
+        assert kinds == {onnx_ops.GATED_ROWS}
     assert ("dense_until" in [i.name for i in model.graph.input]) == (policy == "prompt")
     code, stdout, err = run_inproc(["inspect", tmp_path / "sparse"], capsys)
     want = "policy: first 4 tokens dense" if policy == "first" else "policy: dense prompt (graph input dense_until)"

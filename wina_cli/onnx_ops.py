@@ -119,8 +119,8 @@ def _fused_function(n: int, dense_rows: bool) -> onnx.FunctionProto:
     shared = {"X", "dense", "thr_all"}
     for p in range(n):
         part = [helper.make_node("Constant", [], ["p"], value=helper.make_tensor("p", TensorProto.INT64, [], [p])),
-                helper.make_node("Gather", ["thr_all", "p"], ["thr"], axis=0)] + _gated_nodes()[:2] \
-            + _gated_nodes()[3:]
+                helper.make_node("Gather", ["thr_all", "p"], ["thr"], axis=0)] \
+            + [node for node in _gated_nodes() if node.output[0] != "thr"]  # thr comes from the list instead
         if dense_rows:
             part = _with_dense_rows(part, "keep")
         rename = {"W": f"W{p}", "scale": f"scale{p}", "Y": f"Y{p}"}

@@ -198,13 +198,6 @@ class DecoderGraph:
         gates = [self._gate(l, p, n_in) for p in projs]
         if any(g is not None and g.mode == "topk" for g in gates):
             return [self._linear(l, layer, p, x) for p in projs]
-        gated = [p for p, g in zip(projs, gates) if g is not None]
-        if gated and len(gated) < len(projs):
-            # a dense projection beside gated ones stays a plain MatMul: it streams its whole matrix, which is
-            # faster than reading it as the scattered column blocks of the rows the others skip
-            ys = dict(zip(gated, self._linears(l, layer, tuple(gated), x) if len(gated) > 1
-                          else [self._linear(l, layer, gated[0], x)]))
-            return [ys[p] if p in ys else self._linear(l, layer, p, x) for p in projs]
         tag = "+".join(projs)
         widths = [int(w.shape[0]) for w, _ in weights]
         # side by side: W [in, sum(widths)]; the weight's name lists its projections (weight_bytes reads it)
