@@ -338,7 +338,8 @@ GatedArgs read_args(Ort::KernelContext& ctx) {
   std::vector<int64_t> yshape(xshape.begin(), xshape.end());
   yshape.back() = wshape[1];
   auto y = ctx.GetOutput(0, yshape);
-  return {x.GetTensorData<float>(), w.GetTensorRawData(), f16, scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), leading_rows(xshape), wshape[0], wshape[1],
+  return {x.GetTensorData<float>(), w.GetTensorRawData(), f16, scale.GetTensorData<float>(),
+          y.GetTensorMutableData<float>(), leading_rows(xshape), wshape[0], wshape[1],
           xshape.size() >= 2 ? xshape[xshape.size() - 2] : 0, static_cast<const OrtValue*>(x),
           static_cast<const OrtValue*>(w), static_cast<OrtValue*>(y)};
 }
