@@ -391,6 +391,21 @@ struct KernelBase {
     }
   }
 
+  // `total` tasks on ONNX Runtime's intra-op pool (a single one runs here, without the hand-off).
+  static void run_tasks(OrtKernelContext* context, void (*fn)(void*, size_t), size_t total, void* job) {
+    if (total == 1)
+      fn(job, 0);
+    else
+      Ort::ThrowOnError(g_api->KernelContext_ParallelFor(context, fn, total, 0, job));
+  }
+
+  // dst[0:out] = the sum of `slices` partial results src[s * stride + 0:out].
+  static void sum_partials(float* dst, const float* src, int64_t slices, int64_t stride, int64_t out) {
+    std::copy(src, src + out, dst);
+    for (int64_t s = 1; s < slices; ++s)
+      for (int64_t j = 0; j < out; ++j) dst[j] += src[s * stride + j];
+  }
+
   // Y = X times W by ONNX Runtime's MatMul; X is `x_value`, or `masked` (X's shape) when given.
   void product(OrtKernelContext* context, const OrtValue* x_value, const OrtValue* w_value, OrtValue* y_value,
                std::vector<float>* masked = nullptr) {
@@ -479,20 +494,9 @@ struct GatedKernel : KernelBase {
     float* yp = args.y;
     if (parts > 1) partial.resize(static_cast<size_t>(nrows * parts * out));
     Job job{&rows, args.w, args.f16, yp, parts > 1 ? partial.data() : nullptr, out, parts};
-    const size_t total = static_cast<size_t>(nrows * parts);
-    if (total == 1)
-      run_task(&job, 0);
-    else
-      Ort::ThrowOnError(g_api->KernelContext_ParallelFor(context, run_task, total, 0, &job));
-    if (parts > 1) {
-      for (int64_t r = 0; r < nrows; ++r) {
-        float* dst = yp + r * out;
-        const float* src = partial.data() + r * parts * out;
-        std::copy(src, src + out, dst);
-        for (int64_t p = 1; p < parts; ++p)
-          for (int64_t j = 0; j < out; ++j) dst[j] += src[p * out + j];
-      }
-    }
+    run_tasks(context, run_task, static_cast<size_t>(nrows * parts), &job);
+    if (parts > 1)
+      for (int64_t r = 0; r < nrows; ++r) sum_partials(yp + r * out, partial.data() + r * parts * out, parts, out, out);
   }
 };
 
@@ -654,21 +658,12 @@ struct FusedKernel : KernelBase {
     partial.resize(static_cast<size_t>(nrows * slices * width));
     FusedJob job{xp, in, wv.GetTensorRawData(), f16, width, &offsets, &scales, &thresholds, dense, positions,
                  slices, partial.data()};
-    const size_t total = static_cast<size_t>(nrows * slices);
-    if (total == 1)
-      run_fused_task(&job, 0);
-    else
-      Ort::ThrowOnError(g_api->KernelContext_ParallelFor(context, run_fused_task, total, 0, &job));
-    for (int64_t r = 0; r < nrows; ++r) {
-      const float* src = partial.data() + r * slices * width;
+    run_tasks(context, run_fused_task, static_cast<size_t>(nrows * slices), &job);
+    for (int64_t r = 0; r < nrows; ++r)
       for (size_t p = 0; p < n; ++p) {
         const int64_t o0 = offsets[p], out = offsets[p + 1] - o0;
-        float* dst = yp[p] + r * out;
-        std::copy(src + o0, src + o0 + out, dst);
-        for (int64_t s = 1; s < slices; ++s)
-          for (int64_t j = 0; j < out; ++j) dst[j] += src[s * width + o0 + j];
+        sum_partials(yp[p] + r * out, partial.data() + r * slices * width + o0, slices, width, out);
       }
-    }
   }
 };
 
