@@ -527,11 +527,22 @@ def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, t
     assert r.returncode == 0, r.stderr
     g = as_json(r.stdout)["graph"]
     assert g["fused"] is True and g["fused_ops"] == 2 * g["num_layers"]
+    r = run_sub(["bench", art, "--onnx", tmp_path / "fused", "--kernel-shapes", "576x", "--json"])
+    assert r.returncode == 3 and "576x" in r.stderr and "IN x OUT" in r.stderr  # refused before any decoding
+    # the kernel microbenchmark at the model's own projection shapes
     r = run_sub(["bench", art, "--onnx", tmp_path / "fused", "--decode-steps", "2", "--warmup", "1",
-                 "--prefill-tokens", "0", "--no-kernel", "--json"])
+                 "--prefill-tokens", "0", "--kernel-shapes", "model", "--kernel-working-set", "0", "--json"])
     assert r.returncode == 0, r.stderr
     b = as_json(r.stdout)
     assert b["fused_projections"] == {"dense": True, "sparse": True}
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(art)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv, h, i = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.hidden_size, c.intermediate_size
+    want = sorted({(h, q), (h, kv), (q, h), (h, i), (i, h)})
+    assert [tuple(s) for s in b["kernel_shapes"]] == want
+    assert sorted({tuple(k["shape"]) for k in b["kernel"]}) == want and len(b["kernel"]) == 6 * len(want)
     r = run_sub(["export", art, "--format", "onnx", "--dense", "-o", tmp_path / "dense", "--json"])
     assert r.returncode == 0 and as_json(r.stdout)["graph"]["fused"] is False
     r = run_sub(["export", art, "--format", "onnx", "-o", tmp_path / "single"])
@@ -566,6 +577,19 @@ def test_kernel_microbenchmark_reports_ratios():
     for r in rows:
         assert r["speedup"] > 0 and r["dense_ms"] > 0 and r["ideal"] >= 1.0
     assert abs(rows[1]["realized_sparsity"] - 0.5) < 0.05
+
+
+def test_kernel_shapes_are_read_or_refused():
+    from wina_cli.bench.speed import KERNEL_SHAPES, kernel_shapes
+
+    assert kernel_shapes("llama8b") == KERNEL_SHAPES
+    assert kernel_shapes("576x576, 1536X576") == ((576, 576), (1536, 576))
+    assert kernel_shapes("model", [(8, 4), (4, 8), (8, 4)]) == ((4, 8), (8, 4))
+    for bad in ("576", "576x0", "ax5", "576x576,", "4x4x4"):
+        with pytest.raises(ValueError, match="IN x OUT"):
+            kernel_shapes(bad)
+    with pytest.raises(ValueError, match="not known"):
+        kernel_shapes("model")
 
 
 def test_bad_onnx_inputs(family_artifacts, tmp_path, capsys):

@@ -315,6 +315,9 @@ def bench(
     kernel_working_set: float = typer.Option(512.0, "--kernel-working-set", help="Speed: MB of weights each "
                                              "kernel call streams (distinct copies of the matrix), so they come "
                                              "from memory as in a decode step, not from cache; 0: one matrix."),
+    kernel_shapes: str = typer.Option("llama8b", "--kernel-shapes", help="Speed: the kernel microbenchmark's "
+                                      "[in x out] shapes: llama8b (4096x4096, 4096x14336, 14336x4096), model (the "
+                                      "artifact's own projections) or a list such as 576x576,1536x576."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
     criteria: str = typer.Option("teal,wina", "--criteria"),
@@ -339,13 +342,13 @@ def bench(
     """Quality (--data): perplexity dense vs sparse over a sweep of targets, criteria and allocations, with the
     sparsity each projection really had and FLOPs per token; optionally each configuration's PPL-p% sparsity and
     perplexity under gate policies. Speed (--onnx): batch-1 decode of the dense vs the sparse ONNX export, and the
-    gated kernel vs ONNX Runtime's dense MatMul at Llama-8B shapes."""
+    gated kernel vs ONNX Runtime's dense MatMul at Llama-8B shapes (or the model's own, --kernel-shapes model)."""
     if onnx is not None:
         if len(artifacts) != 1:
             raise ConfigError("--onnx benchmarks one artifact", "the speed run compares one sparse export with the "
                               "dense export of the same artifact", "pass exactly one artifact")
         return _bench_speed(artifacts[0], onnx, onnx_dense, decode_steps, warmup, prompt, prefill_tokens, kernel,
-                            kernel_working_set, threads, json_out)
+                            kernel_working_set, kernel_shapes, threads, json_out)
     if data is None:
         raise ConfigError("nothing to benchmark", "`wina bench` measures quality on --data TEXT, or speed with "
                           "--onnx EXPORT", "pass --data (e.g. assets/kjv.jsonl) or --onnx")
@@ -503,20 +506,26 @@ def _export_dense_reference(artifact: Path, out_dir: Path, graph: dict, tmp) -> 
 
 
 def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: int, warmup: int, prompt: str,
-                 prefill_tokens: int, kernel: bool, kernel_working_set: float, threads: Optional[int],
-                 json_out: bool) -> None:
+                 prefill_tokens: int, kernel: bool, kernel_working_set: float, kernel_shapes: str,
+                 threads: Optional[int], json_out: bool) -> None:
     import tempfile
 
     import numpy as np
 
     from . import native
     from .bench import speed
+    from .gating import projection_shapes
     from .onnx_runtime import read_onnx_manifest
     from .runtime import load_runtime
 
     if steps < 1 or warmup < 0 or prefill_tokens < 0:
         raise ConfigError("--decode-steps must be positive, --warmup and --prefill-tokens not negative",
                           "the timed loop needs steps", "pass e.g. --decode-steps 64 --warmup 8 --prefill-tokens 256")
+    try:  # checked before the long decode run; `model` is read from the artifact once it is loaded
+        shapes = None if kernel_shapes.strip() == "model" else speed.kernel_shapes(kernel_shapes)
+    except ValueError as e:
+        raise ConfigError(f"--kernel-shapes '{kernel_shapes}' cannot be read", str(e),
+                          "pass llama8b, model, or a list of IN x OUT shapes such as 576x576,1536x576") from e
     if native.cpu_library() is None:
         raise NotAvailableError("wina's native kernels are not built", "the speed benchmark compares them with "
                                 "ONNX Runtime's dense MatMul", "run `make native` (part of `make setup`)")
@@ -554,8 +563,11 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         wb = speed.weight_bytes(onnx)
         read = {"dense": speed.bytes_per_token(speed.weight_bytes(onnx_dense)),
                 "sparse": speed.bytes_per_token(wb, realized)}
-        kernel_rows = (speed.kernel_bench(threads=threads, working_set_mb=kernel_working_set, log=progress)
-                       if kernel else [])
+        if shapes is None:
+            fin, fout = projection_shapes(rt.adapter)
+            shapes = speed.kernel_shapes("model", zip(fin.flatten().tolist(), fout.flatten().tolist()))
+        kernel_rows = (speed.kernel_bench(shapes=shapes, threads=threads, working_set_mb=kernel_working_set,
+                                          log=progress) if kernel else [])
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -572,6 +584,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         "prefill_tokens": prefill_tokens, "prefill_ms": {"dense": d.prefill_ms, "sparse": s_.prefill_ms},
         "realized_sparsity_decode": model_realized,
         "same_tokens": d.tokens == s_.tokens,
+        "kernel_shapes": [list(x) for x in shapes] if kernel else [],
         "kernel": kernel_rows,
     }
     if json_out:

@@ -20,6 +20,26 @@ KERNEL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # Llama-3-8B: q/o,
 KERNEL_SPARSITIES = (0.0, 0.25, 0.5, 0.65, 0.8, 0.9)
 
 
+def kernel_shapes(spec: str, model_shapes=None) -> tuple[tuple[int, int], ...]:
+    """The [in, out] shapes of the kernel microbenchmark: `llama8b` (the default), `model` (the distinct shapes of
+    the benchmarked model's projections, `model_shapes`, which the caller supplies), or a list such as
+    `576x576,1536x576`. Raises ValueError with the reason."""
+    spec = spec.strip()
+    if spec == "llama8b":
+        return KERNEL_SHAPES
+    if spec == "model":
+        if not model_shapes:
+            raise ValueError("the model's projection shapes are not known here")
+        return tuple(sorted({(int(i), int(o)) for i, o in model_shapes}))
+    shapes = []
+    for part in spec.split(","):
+        dims = part.strip().lower().split("x")
+        if len(dims) != 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"'{part.strip()}' is not a shape IN x OUT such as 576x1536")
+        shapes.append((int(dims[0]), int(dims[1])))
+    return tuple(shapes)
+
+
 @dataclass
 class DecodeResult:
     label: str
@@ -158,11 +178,14 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
             sessions.append(ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
                                                  providers=["CPUExecutionProvider"]))
         # Rounds of bursts: each session in turn runs every input once; the first calls of a burst are not
-        # timed, since the previous session's pool threads may still be spinning on the same cores.
+        # timed, since the previous session's pool threads may still be spinning on the same cores. The order
+        # reverses every round: a session that always ran first measured slower than the same session run later.
         times = [[] for _ in sessions]
         rounds = max(1, reps // len(xs))
         for r in range(-1, rounds):  # round -1 warms up
-            for i, sess in enumerate(sessions):
+            order = range(len(sessions)) if r % 2 == 0 else range(len(sessions) - 1, -1, -1)
+            for i in order:
+                sess = sessions[i]
                 for j, x in enumerate(xs):
                     t = time.perf_counter()
                     sess.run(None, {"X": x})

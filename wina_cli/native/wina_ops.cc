@@ -134,9 +134,12 @@ inline void sweep8_f32(float* __restrict y, const float* const* r, const float* 
 #endif
 
 // Kept rows are scattered, so each is a new memory stream that the hardware prefetcher only picks up after a few
-// misses; the rows two sweeps ahead are prefetched, up to kPrefetchBytes of each. (Measured with and without, on
-// SmolLM2 and Llama shapes: within run-to-run noise; kept from the previous kernel. Session 7 tried whole rows into
-// L2 up to 256 KB ahead: op chains looked 14-27% faster until the sessions' order was swapped, then within noise.)
+// misses; the rows two sweeps ahead are prefetched, up to kPrefetchBytes of each, into L2 (prefetcht1), not L1
+// (the likely reason, not measured: L1's few outstanding-miss slots, which the loads of the rows being summed need).
+// Session 8, per op at 50% with 256 MB of weight copies, the sessions' order alternating, against ORT's
+// MatMul: into L1 0.93-0.97x (576 x 192), 1.04-1.22x (576 x 576), 1.09-1.30x (1536 x 576); into L2 1.33-1.54x,
+// 1.29-1.54x, 1.27-1.50x; no prefetch 1.01-1.16x, 1.18-1.35x, 1.24-1.44x (576 x 1536: 1.48-1.66x, all three).
+// Farther ahead (3 or 4 sweeps) measured the same as 2. At Llama shapes L1 and L2 were within 5%.
 constexpr int64_t kPrefetchBytes = 4096;
 
 inline void prefetch_rows(const char* w, int64_t stride_bytes, int64_t row_bytes, const int32_t* idx, size_t a,
@@ -144,7 +147,7 @@ inline void prefetch_rows(const char* w, int64_t stride_bytes, int64_t row_bytes
   const int64_t n = std::min(row_bytes, kPrefetchBytes);
   for (size_t q = a; q < std::min(a + 8, a1); ++q) {
     const char* r = w + static_cast<int64_t>(idx[q]) * stride_bytes;
-    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(r + off, 0, 3);
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(r + off, 0, 2);
   }
 }
 
