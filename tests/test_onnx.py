@@ -3,6 +3,7 @@ against the torch runtime, the fallback without the native library, failing vali
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -565,6 +566,35 @@ def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_
         assert r.steps == 5 and r.ms_per_token > 0 and r.peak_rss_mb > 0
         assert len(r.tokens) == 1 + 9  # the prefill's token, then 3 bursts (timed: 1 + 2 + 2)
     assert runs["a"].tokens == runs["b"].tokens  # the same greedy decode, whichever turn it ran in
+
+
+def test_decode_timing_reverses_the_turns_every_round(family_artifacts, tmp_path, monkeypatch):
+    from exporters.onnx.export import export_onnx
+    from wina_cli.bench import speed
+
+    export_onnx(str(family_artifacts["llama"]), str(tmp_path / "onnx"))
+    calls = []
+
+    class Recording(speed.OnnxDecoder):
+        def step(self, *a, **k):
+            calls.append(self.label)
+            return super().step(*a, **k)
+
+    def make(folder, *a, **k):
+        dec = Recording(folder, *a, **k)
+        dec.label = Path(folder).name
+        return dec
+
+    for name in ("a", "b"):
+        shutil.copytree(tmp_path / "onnx", tmp_path / name)
+    monkeypatch.setattr(speed, "OnnxDecoder", make)
+    calls_before = len(calls)
+    speed.time_decode({"a": tmp_path / "a", "b": tmp_path / "b"}, np.array([3, 5, 7], np.int64), steps=4, warmup=0,
+                      burst=2)
+    timed = calls[calls_before:]
+    # the first pass runs each export alone (warm-up 0: no steps); then bursts of 2: a b | b a | a b ...
+    bursts = [timed[i] for i in range(0, len(timed), 2)]
+    assert bursts[:4] == ["a", "b", "b", "a"] and all(timed[i] == timed[i + 1] for i in range(0, len(timed), 2))
 
 
 def test_kernel_microbenchmark_reports_ratios():

@@ -57,10 +57,11 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
                 prefill_rounds: int = 3) -> dict[str, DecodeResult]:
     """Greedy batch-1 decode of each export: `warmup` steps untimed, then until `steps` steps are timed.
 
-    The exports take turns burst by burst (`burst` steps each) in one process, so drift in the machine's speed,
-    which on a shared VM moves a sequential run by 10-20%, falls on all of them alike. The first step of a burst
-    is not timed: the previous export's pool threads may still be spinning on the cores. Peak memory is read in
-    a first pass that runs each export alone (prefill and warm-up), where the high-water mark is its own.
+    The exports take turns burst by burst (`burst` steps each, the order reversing every round) in one process, so
+    drift in the machine's speed, which on a shared VM moves a sequential run by 10-20%, falls on all of them
+    alike. The first step of a burst is not timed: the previous export's pool threads may still be spinning on the
+    cores. Peak memory is read in a first pass that runs each export alone (prefill and warm-up), where the
+    high-water mark is its own.
     `prefill_ids`, if given, is a longer prompt whose prefill is timed afterwards, exports again taking turns
     (`prefill_rounds` each, after one untimed)."""
     memory = {}
@@ -83,8 +84,10 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
         tok = int(logits[0, -1].argmax())
         state[label] = {"dec": dec, "cache": cache, "mask": mask, "tokens": [tok], "times": []}
     ran = 0  # steps each export has run
+    labels = list(state)
     while min(len(st["times"]) for st in state.values()) < steps:
-        for st in state.values():
+        # the order reverses every round: in op chains, a session that always took the first turn measured slower
+        for st in (state[k] for k in (labels if (ran // burst) % 2 == 0 else labels[::-1])):
             for i in range(burst):
                 t = time.perf_counter()
                 logits, st["cache"], st["mask"] = st["dec"].step(np.array([st["tokens"][-1]]), st["cache"],
@@ -97,7 +100,8 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     prefill = {label: [] for label in state}
     if prefill_ids is not None:
         for r in range(prefill_rounds + 1):
-            for label, st in state.items():
+            for label in (labels if r % 2 == 0 else labels[::-1]):
+                st = state[label]
                 t = time.perf_counter()
                 st["dec"].prefill(prefill_ids[None, :])
                 if r > 0:
