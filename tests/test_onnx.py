@@ -107,19 +107,21 @@ def test_native_kernel_claims_the_node(tmp_path):
     assert onnx_ops.GATED in ops and "Where" not in ops
 
 
-def _rows_model(op: str, n_in: int, n_out: int, **attrs) -> bytes:
-    m = onnx.load_from_string(_op_model(op, n_in, n_out, TensorProto.FLOAT, **attrs))
+def _rows_model(op: str, n_in: int, n_out: int, wtype=TensorProto.FLOAT, **attrs) -> bytes:
+    m = onnx.load_from_string(_op_model(op, n_in, n_out, wtype, **attrs))
     m.graph.input.append(helper.make_tensor_value_info("dense", TensorProto.BOOL, None))
     m.graph.node[0].input.append("dense")
     return m.SerializeToString()
 
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "function"])
+@pytest.mark.parametrize("wdtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("seq", [5, 40], ids=["rows", "gemm"])  # 2 x 40 rows: the native GEMM-on-masked-X path
-def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native, seq):
+def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native, wdtype, seq):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, seq, 40)).astype(np.float32)
-    w = rng.standard_normal((40, 24)).astype(np.float32)
+    w = rng.standard_normal((40, 24)).astype(wdtype)
+    wtype = TensorProto.FLOAT if wdtype == np.float32 else TensorProto.FLOAT16
     scale = rng.random(40).astype(np.float32) + 0.1
     dense = np.resize(np.array([True, False, True, False, False]), seq)
     feeds = {"X": x, "W": w, "scale": scale, "dense": dense}
@@ -129,16 +131,17 @@ def test_dense_rows_ops_keep_every_channel_of_flagged_positions(use_native, seq)
         _, keep = _reference(x, w, scale, **ref_kw)
         keep = keep | dense[None, :, None]
         ref = (x * keep) @ w
-        got = _run(_rows_model(op, 40, 24, **kw), use_native, feeds)
+        got = _run(_rows_model(op, 40, 24, wtype, **kw), use_native, feeds)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
         np.testing.assert_allclose(got[:, 0], x[:, 0] @ w, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
         assert np.abs(got[:, 1] - x[:, 1] @ w).max() > 1e-2, "an unflagged row must stay gated"
-        # every position flagged (a dense prompt): the native kernel hands the call to ONNX Runtime's MatMul
-        every = _run(_rows_model(op, 40, 24, **kw), use_native, {**feeds, "dense": np.ones(seq, bool)})
+        # every position flagged (a dense prompt): the native kernel hands the call to ONNX Runtime's MatMul (for
+        # float16 weights, on a float32 copy, when there are 64+ rows)
+        every = _run(_rows_model(op, 40, 24, wtype, **kw), use_native, {**feeds, "dense": np.ones(seq, bool)})
         np.testing.assert_allclose(every, x @ w, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=op)
     if use_native:  # one flag per position, or a clear error
         with pytest.raises(Exception, match="one flag per position"):
-            _run(_rows_model(onnx_ops.GATED_ROWS, 40, 24, threshold=thr), True, {**feeds, "dense": dense[:3]})
+            _run(_rows_model(onnx_ops.GATED_ROWS, 40, 24, wtype, threshold=thr), True, {**feeds, "dense": dense[:3]})
 
 
 def _fused_model(n_in: int, outs: list[int], wtype: int, thresholds: list[float], dense_rows: bool) -> bytes:

@@ -237,6 +237,26 @@ inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const floa
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t h) { return half_to_float(h); }
+
+// dst[0:n] = src[0:n] widened from float16 to float32.
+#if defined(__AVX512F__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+inline void widen_row(const uint16_t* src, int64_t n, float* dst) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+#elif defined(WINA_F16C)
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+#endif
+  for (; j < n; ++j) dst[j] = half_to_float(src[j]);
+}
+#if defined(__AVX512F__)
+#pragma GCC diagnostic pop
+#endif
 inline void sweep8(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
   sweep8_f32(y, r, v8, out);
 }
@@ -379,6 +399,25 @@ struct KernelBase {
     return buf;
   }
 
+  // A float32 copy of W's columns [c0, c0 + out) (W float32 or float16, rows `width` apart), in a buffer per
+  // calling thread, as an OrtValue [in, out] for ONNX Runtime's GEMM (which takes float32 only). For a prefill
+  // this one pass over W costs far less than gathering W's rows token by token.
+  static Ort::Value float_block(const void* w, bool f16, int64_t in, int64_t width, int64_t c0, int64_t out) {
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(in * out));
+    for (int64_t i = 0; i < in; ++i) {
+      if (f16) {
+        widen_row(static_cast<const uint16_t*>(w) + i * width + c0, out, buf.data() + i * out);
+      } else {
+        const float* r = static_cast<const float*>(w) + i * width + c0;
+        std::copy(r, r + out, buf.data() + i * out);
+      }
+    }
+    const int64_t shape[] = {in, out};
+    auto mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+    return Ort::Value::CreateTensor<float>(mem, buf.data(), buf.size(), shape, 2);
+  }
+
   // The threshold rule applied to every row of X in one vectorizable pass, without listing the kept channels.
   static void mask_threshold(const float* x, int64_t nrows, int64_t in, const float* scale, float thr,
                              const bool* dense, int64_t positions, std::vector<float>& masked) {
@@ -450,23 +489,32 @@ struct GatedKernel : KernelBase {
     const float* sp = args.scale;
     const bool* dense = nullptr;
     int64_t positions = 1;
+    bool all_dense = false;
     if (ctx.GetInputCount() > 3) {
       dense = read_dense(ctx, 3, args.seq, positions);
-      // A gate policy's dense prompt: every row keeps every channel, so with float32 weights ONNX Runtime's
-      // MatMul (a blocked GEMM, far faster for many rows than gathering rows token by token) does the call.
-      if (!args.f16 && std::all_of(dense, dense + positions, [](bool b) { return b; })) {
-        product(context, args.x_value, args.w_value, args.y_value);
-        return;
-      }
+      all_dense = std::all_of(dense, dense + positions, [](bool b) { return b; });
     }
     // Many rows (a prefill): gathering each row's kept weight rows reads W once per token, while ONNX Runtime's
-    // blocked GEMM reads each weight tile once for many tokens. With float32 weights the call becomes that GEMM
-    // on X with its dropped channels zeroed, which computes the same products (a zeroed channel adds 0 * W).
-    const bool gemm = !args.f16 && nrows >= kGemmRows;
+    // blocked GEMM reads each weight tile once for many tokens. The call becomes that GEMM on X with its dropped
+    // channels zeroed, which computes the same products (a zeroed channel adds 0 * W); float16 weights are
+    // widened to a float32 copy first. A gate policy's dense prompt (every row keeps every channel) takes the
+    // GEMM on X itself, with float32 weights whatever the number of rows (with float16 ones, widening W for a few
+    // rows would cost more than reading their rows).
+    const bool gemm = nrows >= kGemmRows || (all_dense && !args.f16);
+    Ort::Value wide{nullptr};
+    const OrtValue* w_value = args.w_value;
+    if (gemm && args.f16) {
+      wide = float_block(args.w, true, in, args.out, 0, args.out);
+      w_value = static_cast<const OrtValue*>(wide);
+    }
+    if (gemm && all_dense) {
+      product(context, args.x_value, w_value, args.y_value);
+      return;
+    }
     if (gemm && !topk) {
       std::vector<float>& masked = masked_scratch();
       mask_threshold(xp, nrows, in, sp, threshold, dense, positions, masked);
-      product(context, args.x_value, args.w_value, args.y_value, &masked);
+      product(context, args.x_value, w_value, args.y_value, &masked);
       return;
     }
     rows.resize(nrows);
@@ -486,7 +534,7 @@ struct GatedKernel : KernelBase {
         const Kept& kr = rows[r];
         for (size_t a = 0; a < kr.idx.size(); ++a) dst[kr.idx[a]] = kr.val[a];
       }
-      product(context, args.x_value, args.w_value, args.y_value, &masked);
+      product(context, args.x_value, w_value, args.y_value, &masked);
       return;
     }
     // Each task sums whole weight rows (long contiguous reads, which the hardware prefetcher streams well) of a
@@ -594,14 +642,6 @@ struct FusedKernel : KernelBase {
     scales.resize(n);
   }
 
-  // Column block p of W as a contiguous [in, out_p] matrix, for ONNX Runtime's MatMul (which takes no row
-  // stride). A prefill copies each block once per call, a small cost beside the GEMM's (and ONNX Runtime re-packs
-  // an operand it gets as an input on every call anyway).
-  static std::vector<float>& block_scratch() {
-    thread_local std::vector<float> buf;
-    return buf;
-  }
-
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const size_t n = thresholds.size();
@@ -632,18 +672,12 @@ struct FusedKernel : KernelBase {
     if (nrows == 0 || width == 0) return;
     const float* xp = x.GetTensorData<float>();
     const bool all_dense = dense != nullptr && std::all_of(dense, dense + positions, [](bool b) { return b; });
-    if (!f16 && (all_dense || nrows >= kGemmRows)) {
-      // a prefill (or a dense prompt): ONNX Runtime's GEMM per projection, on X with its dropped channels zeroed
-      const float* w = wv.GetTensorData<float>();
-      std::vector<float>& block = block_scratch();
-      auto mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+    if (nrows >= kGemmRows || (all_dense && !f16)) {
+      // a prefill (or a dense prompt): ONNX Runtime's GEMM per projection on a float32 copy of its column block
+      // (the GEMM takes no row stride), on X with its dropped channels zeroed
       for (size_t p = 0; p < n; ++p) {
         const int64_t o0 = offsets[p], out = offsets[p + 1] - o0;
-        block.resize(static_cast<size_t>(in * out));
-        for (int64_t i = 0; i < in; ++i)
-          std::copy(w + i * width + o0, w + i * width + o0 + out, block.data() + i * out);
-        const int64_t bshape[] = {in, out};
-        Ort::Value bv = Ort::Value::CreateTensor<float>(mem, block.data(), block.size(), bshape, 2);
+        Ort::Value bv = float_block(wv.GetTensorRawData(), f16, in, width, o0, out);
         const bool open = std::isinf(thresholds[p]) && thresholds[p] < 0;
         if (all_dense || open) {
           product(context, static_cast<const OrtValue*>(x), static_cast<const OrtValue*>(bv), ys[p]);
