@@ -563,11 +563,13 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         wb = speed.weight_bytes(onnx)
         read = {"dense": speed.bytes_per_token(speed.weight_bytes(onnx_dense)),
                 "sparse": speed.bytes_per_token(wb, realized)}
-        if shapes is None:
-            fin, fout = projection_shapes(rt.adapter)
-            shapes = speed.kernel_shapes("model", zip(fin.flatten().tolist(), fout.flatten().tolist()))
-        kernel_rows = (speed.kernel_bench(shapes=shapes, threads=threads, working_set_mb=kernel_working_set,
-                                          log=progress) if kernel else [])
+        kernel_rows = []
+        if kernel:
+            if shapes is None:
+                fin, fout = projection_shapes(rt.adapter)
+                shapes = speed.kernel_shapes("model", zip(fin.flatten().tolist(), fout.flatten().tolist()))
+            kernel_rows = speed.kernel_bench(shapes=shapes, threads=threads, working_set_mb=kernel_working_set,
+                                             log=progress)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -40,6 +40,12 @@ def kernel_shapes(spec: str, model_shapes=None) -> tuple[tuple[int, int], ...]:
     return tuple(shapes)
 
 
+def in_turns(items: list, round_: int) -> list:
+    """The order of a round of turns: as given in even rounds, reversed in odd ones. In op chains a session that
+    always took the first turn measured slower than the same session run later."""
+    return items if round_ % 2 == 0 else items[::-1]
+
+
 @dataclass
 class DecodeResult:
     label: str
@@ -86,8 +92,7 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     ran = 0  # steps each export has run
     labels = list(state)
     while min(len(st["times"]) for st in state.values()) < steps:
-        # the order reverses every round: in op chains, a session that always took the first turn measured slower
-        for st in (state[k] for k in (labels if (ran // burst) % 2 == 0 else labels[::-1])):
+        for st in (state[k] for k in in_turns(labels, ran // burst)):
             for i in range(burst):
                 t = time.perf_counter()
                 logits, st["cache"], st["mask"] = st["dec"].step(np.array([st["tokens"][-1]]), st["cache"],
@@ -100,7 +105,7 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     prefill = {label: [] for label in state}
     if prefill_ids is not None:
         for r in range(prefill_rounds + 1):
-            for label in (labels if r % 2 == 0 else labels[::-1]):
+            for label in in_turns(labels, r):
                 st = state[label]
                 t = time.perf_counter()
                 st["dec"].prefill(prefill_ids[None, :])
@@ -182,13 +187,11 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
             sessions.append(ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
                                                  providers=["CPUExecutionProvider"]))
         # Rounds of bursts: each session in turn runs every input once; the first calls of a burst are not
-        # timed, since the previous session's pool threads may still be spinning on the same cores. The order
-        # reverses every round: a session that always ran first measured slower than the same session run later.
+        # timed, since the previous session's pool threads may still be spinning on the same cores.
         times = [[] for _ in sessions]
         rounds = max(1, reps // len(xs))
         for r in range(-1, rounds):  # round -1 warms up
-            order = range(len(sessions)) if r % 2 == 0 else range(len(sessions) - 1, -1, -1)
-            for i in order:
+            for i in in_turns(list(range(len(sessions))), r):
                 sess = sessions[i]
                 for j, x in enumerate(xs):
                     t = time.perf_counter()
