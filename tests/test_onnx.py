@@ -307,6 +307,44 @@ def test_a_left_padded_batch_matches_torch(family, attention, family_artifacts, 
     assert np.abs(unpadded[1, -1] - got[1, -1]).max() > 1e-3 * scale
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_shared_kv_buffers_match_a_cache_of_arrays(family, family_artifacts, tmp_path):
+    """A fused-attention graph says its KV cache may be one buffer per layer, appended to in place: a left-padded
+    batch, prefill then KV-cache steps past the buffers' first capacity (they grow) and past gemma2's sliding
+    window, gives the logits and cache of the same graph fed arrays, and a stale cache is refused."""
+    from exporters.onnx.export import export_onnx
+    from wina_cli.onnx_runtime import KVBuffers, OnnxDecoder
+
+    out = tmp_path / "onnx"
+    m = export_onnx(str(family_artifacts[family]), str(out))
+    assert m["graph"]["kv_cache"] == "shared-buffer" and m["graph"]["gated_ops"] > 0
+    shared, arrays = OnnxDecoder(out), OnnxDecoder(out, shared_cache=False)
+    assert shared.shared_cache and not arrays.shared_cache
+    rng = np.random.default_rng(5)
+    vocab = m["graph"]["vocab_size"]
+    ids = rng.integers(3, vocab, size=(2, 6))
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :2] = 0
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    a, cache_a = shared.run(ids, mask, pos, shared.empty_cache(2, capacity=7))
+    b, cache_b = arrays.run(ids, mask, pos, arrays.empty_cache(2))
+    assert isinstance(cache_a, KVBuffers) and isinstance(cache_b, dict)
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale
+    for step in range(8):  # capacity 7: the buffers grow on the second step
+        nxt = rng.integers(3, vocab, size=(2, 1))
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        a, cache_a = shared.run(nxt, mask, pos, cache_a)
+        b, cache_b = arrays.run(nxt, mask, pos, cache_b)
+        assert np.abs(a - b).max() <= 1e-5 * scale, step
+    assert cache_a.capacity >= cache_a.length == mask.shape[1] == 14
+    for name in shared.past_names:
+        assert np.abs(cache_a.view(name) - cache_b[name]).max() <= 1e-5 * np.abs(cache_b[name]).max()
+    with pytest.raises(ValueError, match="a cache serves the step after"):
+        shared.run(nxt, mask, pos, cache_a)  # the mask says 14 positions, the cache already holds 14
+
+
 def test_topk_float16_and_external_data(family_artifacts, tmp_path):
     """A top-k sparse graph with float16 weights, written with external data, validates and runs."""
     from exporters.onnx.export import export_onnx
@@ -515,6 +553,8 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     assert b["kernel"] == [] and 0 < b["realized_sparsity_decode"] < 1
     assert b["prefill_tokens"] == 256 and all(v > 0 for v in b["prefill_ms"].values())
     assert b["weight_bytes_per_token"]["sparse"] < b["weight_bytes_per_token"]["dense"]
+    spread = b["decode_speedup_per_burst"]  # 4 timed steps after 1 warm-up, bursts of 8: one burst
+    assert spread["bursts"] == 1 and spread["min"] == spread["median"] == spread["max"] > 0
 
     r = run_sub(["env", "--json"])
     e = as_json(r.stdout)
@@ -557,7 +597,7 @@ def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, t
 
 def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_path):
     from exporters.onnx.export import export_onnx
-    from wina_cli.bench.speed import time_decode
+    from wina_cli.bench.speed import round_ratios, time_decode
 
     export_onnx(str(family_artifacts["llama"]), str(tmp_path / "onnx"))
     ids = np.array([3, 5, 7, 11], np.int64)
@@ -568,7 +608,10 @@ def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_
         # 5 timed steps: bursts of 3 whose first step is never timed, after 2 warm-up steps
         assert r.steps == 5 and r.ms_per_token > 0 and r.peak_rss_mb > 0
         assert len(r.tokens) == 1 + 9  # the prefill's token, then 3 bursts (timed: 1 + 2 + 2)
+        assert len(r.round_ms) == 3 and all(ms > 0 for ms in r.round_ms)
     assert runs["a"].tokens == runs["b"].tokens  # the same greedy decode, whichever turn it ran in
+    ratios = round_ratios(runs["a"], runs["b"])
+    assert len(ratios) == 3 and ratios[0] == runs["a"].round_ms[0] / runs["b"].round_ms[0]
 
 
 def test_decode_timing_reverses_the_turns_every_round(family_artifacts, tmp_path, monkeypatch):

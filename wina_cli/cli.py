@@ -580,6 +580,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         "decode_tokens_per_s": {"dense": d.tokens_per_s, "sparse": s_.tokens_per_s},
         "decode_ms_per_token": {"dense": d.ms_per_token, "sparse": s_.ms_per_token},
         "decode_speedup": d.ms_per_token / s_.ms_per_token,
+        "decode_speedup_per_burst": _spread(speed.round_ratios(d, s_)),
         "weight_bytes_per_token": read, "fused_projections": fused,
         "weight_gb_per_s": {k: read[k] / (runs[k].ms_per_token / 1e3) / 1e9 for k in read},
         "peak_rss_mb": {"dense": d.peak_rss_mb, "sparse": s_.peak_rss_mb},
@@ -602,6 +603,11 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
                   f"{read[k] / 1e9:.3f}", f"{result['weight_gb_per_s'][k]:.1f}",
                   f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-")
     out.print(t)
+    spread = result["decode_speedup_per_burst"]
+    if spread["bursts"]:
+        out.print(f"speedup burst by burst (dense and sparse bursts of one round side by side): min "
+                  f"{spread['min']:.2f}x, median {spread['median']:.2f}x, max {spread['max']:.2f}x over "
+                  f"{spread['bursts']} bursts")
     if prefill_tokens:
         out.print(f"prefill of {prefill_tokens} tokens (exports in turns, median of 3): dense {d.prefill_ms:.1f} ms, "
                   f"sparse {s_.prefill_ms:.1f} ms ({d.prefill_ms / s_.prefill_ms:.2f}x)")
@@ -617,6 +623,14 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
                        f"{r['sparse_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['ideal']:.2f}x",
                        f"{r['dense_gb_per_s']:.1f}", f"{r['sparse_gb_per_s']:.1f}")
         out.print(kt)
+
+
+def _spread(values: list[float]) -> dict:
+    import statistics
+
+    if not values:
+        return {"bursts": 0, "min": None, "median": None, "max": None}
+    return {"bursts": len(values), "min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def _realize(run, want: float, tries: int = 6):
@@ -727,7 +741,7 @@ def _inspect_onnx(folder: Path, verify: bool, json_out: bool) -> None:
     out.print(f"graph: {g.get('model_type')}, {g.get('num_layers')} layers, {g.get('weight_dtype')} weights, opset "
               f"{g.get('opset')}, IR {g.get('ir_version')}; {g.get('gated_ops')} gated projections, "
               f"{g.get('dense_matmuls')} dense projections, {g.get('attention', 'plain')} attention, "
-              f"{g.get('fused_ops', 0)} fused nodes")
+              f"{g.get('fused_ops', 0)} fused nodes; KV cache {g.get('kv_cache', 'arrays')}")
     out.print(f"gates: {describe_gates(m.get('gates', {}))}")
     v = m.get("validation", {})
     for label, r in v.get("runs", {}).items():

@@ -15,6 +15,10 @@ from .errors import ArtifactError, NotAvailableError
 
 ONNX_MODEL = "model.onnx"
 ONNX_MANIFEST = "wina_onnx.json"
+# Graph metadata: "shared-buffer" where a past KV input and its present output may be one buffer of fixed capacity,
+# appended to in place (the graph reads the true lengths from attention_mask, not from the past's shape).
+KV_CACHE_KEY = "wina.kv_cache"
+SHARED_BUFFER = "shared-buffer"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -105,11 +109,56 @@ def make_session(model_path: str | Path, provider: str = "cpu", use_native: bool
     return sess, SessionInfo(provider, got, str(lib) if lib else None, notes)
 
 
+class KVBuffers:
+    """The KV cache as one buffer per past input, [batch, kv_heads, capacity, head_dim], bound as both the past
+    input and the present output, so ONNX Runtime's GroupQueryAttention appends each step's keys and values in
+    place instead of copying the whole cache into new outputs (the copy, and handing 2 x layers arrays to and from
+    Python, took 1.0-1.7 ms of a SmolLM2 decode step of 12-25 ms on the 2-core machine). A buffer grows by doubling
+    when a step would pass its capacity. The buffers change in place: a cache serves the next step only.
+    """
+
+    def __init__(self, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int):
+        self.names, self.length, self.binding = names, 0, None
+        self.arrays = {n: np.zeros((batch, kv_heads, capacity, head_dim), np.float32) for n in names}
+        self.values = self._wrap()
+
+    def _wrap(self) -> dict:
+        import onnxruntime as ort
+
+        return {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.arrays.values())).shape[2]
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def view(self, name: str) -> np.ndarray:
+        """The filled part of one buffer, [batch, kv_heads, length, head_dim]."""
+        return self.arrays[name][:, :, :self.length]
+
+    def reserve(self, total: int) -> None:
+        if total <= self.capacity:
+            return
+        cap = max(total, 2 * self.capacity)
+        for n, a in self.arrays.items():
+            grown = np.zeros(a.shape[:2] + (cap,) + a.shape[3:], np.float32)
+            grown[:, :, :self.length] = a[:, :, :self.length]
+            self.arrays[n] = grown
+        self.values, self.binding = self._wrap(), None
+
+
 class OnnxDecoder:
-    """The exported decoder with its KV cache: prefill a batch of prompts, then one token per step."""
+    """The exported decoder with its KV cache: prefill a batch of prompts, then one token per step.
+
+    On the CPU, a graph whose metadata says its KV cache may be a shared buffer runs with `KVBuffers` (in place);
+    other graphs, and other providers, pass the cache as arrays that each step returns anew."""
 
     def __init__(self, folder: str | Path, provider: str = "cpu", use_native: bool = True, strict: bool = False,
-                 threads: int | None = None, extra_outputs: list[str] | None = None):
+                 threads: int | None = None, extra_outputs: list[str] | None = None,
+                 shared_cache: bool | None = None):
         folder = Path(folder)
         path = folder / ONNX_MODEL if folder.is_dir() else folder
         if not path.is_file():
@@ -127,30 +176,67 @@ class OnnxDecoder:
         # A graph whose gate policy keeps the prompt dense takes the prompt's length on every call.
         self.takes_prompt_len = any(i.name == "dense_until" for i in self.session.get_inputs())
         self.prompt_len = 0  # set by prefill
+        meta = self.session.get_modelmeta().custom_metadata_map
+        can_share = meta.get(KV_CACHE_KEY) == SHARED_BUFFER and self.info.providers[0] == PROVIDERS["cpu"]
+        self.shared_cache = can_share if shared_cache is None else shared_cache and can_share
 
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_cache(self, batch: int, capacity: int | None = None):
+        """An empty cache: `KVBuffers` of `capacity` positions where the cache is shared, else arrays of length 0."""
+        if self.shared_cache:
+            return KVBuffers(self.past_names, batch, self.kv_heads, self.head_dim, max(1, capacity or 256))
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
         return {n: z for n in self.past_names}
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            cache) -> tuple[np.ndarray, dict | KVBuffers]:
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                 "position_ids": position_ids.astype(np.int64), **cache}
+                 "position_ids": position_ids.astype(np.int64)}
         if self.takes_prompt_len:
             feeds["dense_until"] = np.array(self.prompt_len, np.int64)
-        outs = self.session.run(self.output_names, feeds)
+        if isinstance(cache, KVBuffers):
+            return self._run_shared(feeds, cache)
+        outs = self.session.run(self.output_names, {**feeds, **cache})
         n = 1 + len(self.present_names)
         new_cache = {p: v for p, v in zip(self.past_names, outs[1:n])}
         self.extra = dict(zip(self.extra_outputs, outs[n:]))
         return outs[0], new_cache
 
-    def prefill(self, ids: np.ndarray):
-        """ids [batch, seq] -> logits [batch, seq, vocab], cache, attention mask."""
+    def _run_shared(self, feeds: dict, cache: KVBuffers) -> tuple[np.ndarray, KVBuffers]:
+        batch, seq = feeds["input_ids"].shape
+        total = feeds["attention_mask"].shape[1]
+        if batch != cache.batch or total != cache.length + seq:
+            raise ValueError(f"a KV cache of batch {cache.batch} holding {cache.length} positions does not fit a call "
+                             f"of batch {batch} with {seq} new and {total} total positions (a cache serves the "
+                             "step after the one that returned it)")
+        cache.reserve(total)
+        if cache.binding is None:
+            cache.binding = self.session.io_binding()
+            for past, present in zip(self.past_names, self.present_names):
+                v = cache.values[past]
+                cache.binding.bind_ortvalue_input(past, v)
+                cache.binding.bind_ortvalue_output(present, v)
+        b = cache.binding
+        held = {name: np.ascontiguousarray(arr) for name, arr in feeds.items()}  # alive until the run is over
+        for name, arr in held.items():
+            b.bind_cpu_input(name, arr)
+        for name in ["logits"] + self.extra_outputs:
+            b.bind_output(name)  # unallocated again: a bound output keeps the last run's shape otherwise
+        self.session.run_with_iobinding(b)
+        cache.length = total
+        # numpy() views the output's memory and keeps it alive; the next run binds a new output (a prefill's
+        # logits are tens of MB, not worth a copy)
+        outs = [v.numpy() for v in b.get_outputs()[len(self.present_names):]]
+        self.extra = dict(zip(self.extra_outputs, outs[1:]))
+        return outs[0], cache
+
+    def prefill(self, ids: np.ndarray, capacity: int | None = None):
+        """ids [batch, seq] -> logits [batch, seq, vocab], cache, attention mask. `capacity`: the positions a
+        shared cache holds before it grows (the prompt plus the tokens to come)."""
         b, s = ids.shape
         self.prompt_len = s
         mask = np.ones((b, s), np.int64)
         pos = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s))
-        logits, cache = self.run(ids, mask, pos, self.empty_cache(b))
+        logits, cache = self.run(ids, mask, pos, self.empty_cache(b, capacity or s + 256))
         return logits, cache, mask
 
     def step(self, tokens: np.ndarray, cache: dict, mask: np.ndarray):
@@ -163,7 +249,8 @@ class OnnxDecoder:
         return logits[:, -1], cache, mask
 
     def greedy(self, ids: np.ndarray, max_new_tokens: int, eos: int | None = None) -> list[int]:
-        logits, cache, mask = self.prefill(ids[None, :] if ids.ndim == 1 else ids)
+        ids = ids[None, :] if ids.ndim == 1 else ids
+        logits, cache, mask = self.prefill(ids, capacity=ids.shape[1] + max_new_tokens)
         tok = int(logits[0, -1].argmax())
         out = [tok]
         for _ in range(max_new_tokens - 1):

@@ -19,7 +19,7 @@ from wina_cli import native, probe
 from wina_cli import onnx_ops as ops
 from wina_cli.artifact import MANIFEST, atomic_folder, file_table, read_artifact, sha256_file
 from wina_cli.errors import ConfigError, ValidationError
-from wina_cli.onnx_runtime import ONNX_MANIFEST, ONNX_MODEL, OnnxDecoder
+from wina_cli.onnx_runtime import KV_CACHE_KEY, ONNX_MANIFEST, ONNX_MODEL, OnnxDecoder
 from wina_cli.runtime import Runtime, load_runtime
 
 from .graph import ATTENTION, WEIGHT_DTYPES, DecoderGraph
@@ -231,6 +231,7 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
         "graph": {"opset": {o.domain: o.version for o in model.opset_import}, "ir_version": model.ir_version,
                   "attention": attention, "fused": fuse, "fused_ops": builder.b.counts["fused"],
                   "max_positions": builder.max_positions,
+                  "kv_cache": next((p.value for p in model.metadata_props if p.key == KV_CACHE_KEY), "arrays"),
                   "weight_dtype": weight_dtype, "gated_ops": builder.b.counts["gated"],
                   "dense_matmuls": builder.b.counts["dense"], "num_layers": len(rt.adapter.layers()),
                   "num_kv_heads": builder.kv_heads, "head_dim": builder.head_dim, "vocab_size": int(cfg.vocab_size),
@@ -246,7 +247,8 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
         del model
         # The validated graph gets the manifest as metadata; external data (if any) stays as written.
         written = onnx.load(str(tmp / ONNX_MODEL), load_external_data=False)
-        onnx.helper.set_model_props(written, {"wina.manifest": json.dumps(manifest, sort_keys=True)})
+        props = {p.key: p.value for p in written.metadata_props}
+        onnx.helper.set_model_props(written, {**props, "wina.manifest": json.dumps(manifest, sort_keys=True)})
         onnx.save_model(written, str(tmp / ONNX_MODEL))
         rt.tokenizer.save_pretrained(str(tmp))
         shutil.copyfile(src.path / "config.json", tmp / "config.json")

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from wina_cli import onnx_ops as ops
 from wina_cli.errors import UnsupportedModelError
+from wina_cli.onnx_runtime import KV_CACHE_KEY, SHARED_BUFFER
 from wina_cli.runtime import Runtime
 
 WEIGHT_DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
@@ -297,13 +298,15 @@ class DecoderGraph:
             self.b._consts[name] = self.b.init(name, r)
         return self.b._consts[name]
 
-    def _masks(self, attention_mask: str, past_key: str, input_ids: str, windows: set) -> tuple[dict, str]:
+    def _masks(self, attention_mask: str, input_ids: str, windows: set) -> tuple[dict, str]:
         """Boolean masks [batch, 1, seq, past + seq]: causal, padding and, where set, a sliding window; and the
         positions of this call's tokens [seq] (past, ..., past + seq - 1)."""
         b = self.b
-        past = b.op("Shape", [past_key], "past_len", start=2, end=3)
+        # The past length is the mask's minus this call's, not the past input's: with a shared KV buffer that
+        # input holds the buffer's capacity.
         seq = b.op("Shape", [input_ids], "seq_len", start=1, end=2)
         total = b.op("Shape", [attention_mask], "total_len", start=1, end=2)
+        past = b.op("Sub", [total, seq], "past_len")
         zero, one = b.i64(0), b.i64(1)
         sq = lambda t: b.op("Squeeze", [t, zero])
         kv_idx = b.op("Range", [sq(zero), sq(total), sq(one)], "kv_idx")
@@ -460,7 +463,7 @@ class DecoderGraph:
         fused = self.attention == "fused"
         tables = self._rope_caches() if fused else self._rope_tables("position_ids")
         windows = {self._sliding_window(layer) for layer in ad.layers()}
-        masks, q_idx = self._masks("attention_mask", "past_key_values.0.key", "input_ids", windows)
+        masks, q_idx = self._masks("attention_mask", "input_ids", windows)
         if fused:
             masks = {w: b.op("Where", [m, b.scalar(0.0), b.scalar(NEG)], "attn_bias") for w, m in masks.items()}
             self.gqa_lengths = self._gqa_lengths("attention_mask", "input_ids")
@@ -490,4 +493,6 @@ class DecoderGraph:
         model = helper.make_model(graph, opset_imports=opsets,
                                   functions=ops.functions(), producer_name="wina")
         model.ir_version = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14
+        if fused:  # GroupQueryAttention appends to a past buffer bound as its present output too
+            helper.set_model_props(model, {KV_CACHE_KEY: SHARED_BUFFER})
         return model

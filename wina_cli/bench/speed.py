@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,13 @@ class DecodeResult:
     peak_rss_mb: float
     native_library: str | None
     tokens: list[int]
+    round_ms: list[float] = field(default_factory=list)  # the median step of each burst that timed any
+
+
+def round_ratios(base: DecodeResult, other: DecodeResult) -> list[float]:
+    """base's step time over other's, burst by burst: the bursts of one round of turns ran a few ms apart, so the
+    spread of these ratios shows how much the machine moved the figure within the run."""
+    return [a / b for a, b in zip(base.round_ms, other.round_ms)]
 
 
 def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: int, warmup: int,
@@ -71,11 +78,13 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     `prefill_ids`, if given, is a longer prompt whose prefill is timed afterwards, exports again taking turns
     (`prefill_rounds` each, after one untimed)."""
     memory = {}
+    # room in a shared KV cache for every step an export runs (timed, warm-up, a burst's untimed first steps)
+    capacity = len(prompt_ids) + 2 * (warmup + steps) + burst
     for label, folder in folders.items():
         gc.collect()
         reset_peak_rss()
         dec = OnnxDecoder(folder, "cpu", threads=threads)
-        logits, cache, mask = dec.prefill(prompt_ids[None, :])
+        logits, cache, mask = dec.prefill(prompt_ids[None, :], capacity=capacity)
         tok = int(logits[0, -1].argmax())
         for _ in range(warmup):
             logits, cache, mask = dec.step(np.array([tok]), cache, mask)
@@ -86,13 +95,14 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     state = {}
     for label, folder in folders.items():
         dec = OnnxDecoder(folder, "cpu", threads=threads)
-        logits, cache, mask = dec.prefill(prompt_ids[None, :])
+        logits, cache, mask = dec.prefill(prompt_ids[None, :], capacity=capacity)
         tok = int(logits[0, -1].argmax())
-        state[label] = {"dec": dec, "cache": cache, "mask": mask, "tokens": [tok], "times": []}
+        state[label] = {"dec": dec, "cache": cache, "mask": mask, "tokens": [tok], "times": [], "bursts": []}
     ran = 0  # steps each export has run
     labels = list(state)
     while min(len(st["times"]) for st in state.values()) < steps:
         for st in (state[k] for k in in_turns(labels, ran // burst)):
+            st["bursts"].append([])
             for i in range(burst):
                 t = time.perf_counter()
                 logits, st["cache"], st["mask"] = st["dec"].step(np.array([st["tokens"][-1]]), st["cache"],
@@ -101,6 +111,7 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
                 st["tokens"].append(int(logits[0].argmax()))
                 if ran + i >= warmup and i > 0 and len(st["times"]) < steps:
                     st["times"].append(dt)
+                    st["bursts"][-1].append(dt)
         ran += burst
     prefill = {label: [] for label in state}
     if prefill_ids is not None:
@@ -116,7 +127,8 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
         med = statistics.median(st["times"])
         out[label] = DecodeResult(label, med * 1e3, 1.0 / med, len(st["times"]),
                                   statistics.median(prefill[label]) if prefill[label] else None, memory[label],
-                                  st["dec"].info.native_library, st["tokens"])
+                                  st["dec"].info.native_library, st["tokens"],
+                                  [statistics.median(b) * 1e3 for b in st["bursts"] if b])
     del state
     gc.collect()
     return out
