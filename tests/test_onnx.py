@@ -594,6 +594,52 @@ def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, t
     assert b["weight_bytes_per_token"]["dense"] == speed.bytes_per_token(speed.weight_bytes(tmp_path / "dense"))
     assert speed.weight_bytes(tmp_path / "fused") == speed.weight_bytes(tmp_path / "single")
 
+    # --floor: a third export, every gate closed, decoded in the same turns; fused and single name the same
+    # gated projections
+    gated = speed.gated_projections(tmp_path / "fused")
+    assert gated and gated == speed.gated_projections(tmp_path / "single")
+    assert gated <= set(speed.weight_bytes(tmp_path / "single"))
+    r = run_sub(["bench", art, "--onnx", tmp_path / "fused", "--decode-steps", "2", "--warmup", "1",
+                 "--prefill-tokens", "0", "--no-kernel", "--floor", "--json"])
+    assert r.returncode == 0, r.stderr
+    f = as_json(r.stdout)["breakdown"]
+    wb = speed.weight_bytes(tmp_path / "fused")
+    assert f["floor_ms"] > 0 and f["dense_bytes"] == sum(wb[p] for p in gated)
+    assert 0 < f["gated_bytes"] < f["dense_bytes"]
+
+
+def test_the_floor_variant_closes_every_gate_and_nothing_else(family_artifacts, tmp_path):
+    """The floor `wina bench --floor` times: the sparse export with every threshold +inf (k 0), all else as
+    exported, so the native kernels and the function bodies agree on it, and it computes something else than the
+    sparse export."""
+    from exporters.onnx.export import export_onnx
+    from wina_cli.bench import speed
+    from wina_cli.onnx_runtime import ONNX_MODEL, OnnxDecoder
+
+    src = tmp_path / "sparse"
+    export_onnx(family_artifacts["llama"], str(src))
+    floor = speed.closed_variant(src, tmp_path / "floor")
+    a, b = onnx.load(str(src / ONNX_MODEL)), onnx.load(str(floor / ONNX_MODEL))
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    closed = 0
+    for na, nb in zip(a.graph.node, b.graph.node, strict=True):
+        assert (na.op_type, list(na.input), list(na.output)) == (nb.op_type, list(nb.input), list(nb.output))
+        attrs = {x.name: helper.get_attribute_value(x) for x in nb.attribute}
+        if nb.domain != onnx_ops.DOMAIN:
+            assert na == nb
+            continue
+        closed += 1
+        assert attrs.get("threshold", np.inf) == np.inf and attrs.get("k", 0) == 0
+        assert all(t == np.inf for t in attrs.get("thresholds", []))
+    assert closed == json.loads((src / "wina_onnx.json").read_text())["graph"]["gated_ops"] > 0
+    # the function bodies keep no channel at +inf: a native kernel that still read rows would differ from them
+    ids = np.array([[5, 9, 3, 7]])
+    want = OnnxDecoder(floor, "cpu", use_native=False).prefill(ids)[0]
+    got = OnnxDecoder(floor, "cpu").prefill(ids)[0]
+    sparse = OnnxDecoder(src, "cpu").prefill(ids)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(sparse - got).max() > 1e-3
+
 
 def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_path):
     from exporters.onnx.export import export_onnx

@@ -319,6 +319,9 @@ def bench(
                                       "[in x out] shapes: llama8b (4096x4096, 4096x14336, 14336x4096), model (the "
                                       "artifact's own projections) or a list such as 576x576,1536x576."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
+    floor: bool = typer.Option(False, "--floor", help="Speed: also decode, in the same turns, a copy of the sparse "
+                               "export with every gate closed, and say where the step's time goes: the floor "
+                               "gating cannot lower, and the gated rows' GB/s against the same projections dense."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
     criteria: str = typer.Option("teal,wina", "--criteria"),
     allocations: str = typer.Option("uniform,greedy", "--allocations", help="uniform, greedy and/or global."),
@@ -348,7 +351,7 @@ def bench(
             raise ConfigError("--onnx benchmarks one artifact", "the speed run compares one sparse export with the "
                               "dense export of the same artifact", "pass exactly one artifact")
         return _bench_speed(artifacts[0], onnx, onnx_dense, decode_steps, warmup, prompt, prefill_tokens, kernel,
-                            kernel_working_set, kernel_shapes, threads, json_out)
+                            kernel_working_set, kernel_shapes, threads, json_out, floor)
     if data is None:
         raise ConfigError("nothing to benchmark", "`wina bench` measures quality on --data TEXT, or speed with "
                           "--onnx EXPORT", "pass --data (e.g. assets/kjv.jsonl) or --onnx")
@@ -507,7 +510,7 @@ def _export_dense_reference(artifact: Path, out_dir: Path, graph: dict, tmp) -> 
 
 def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: int, warmup: int, prompt: str,
                  prefill_tokens: int, kernel: bool, kernel_working_set: float, kernel_shapes: str,
-                 threads: Optional[int], json_out: bool) -> None:
+                 threads: Optional[int], json_out: bool, floor: bool = False) -> None:
     import tempfile
 
     import numpy as np
@@ -534,22 +537,25 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
     if sparse_manifest["gates"].get("dense"):
         raise ConfigError(f"'{onnx}' is a dense export", "--onnx takes the sparse export to measure",
                           "export one with `wina export ARTIFACT --format onnx` (without --dense)")
-    tmp = None
+    tmp = tempfile.TemporaryDirectory(prefix="wina-bench-")
     if onnx_dense is None:
-        tmp = tempfile.TemporaryDirectory(prefix="wina-dense-")
         onnx_dense = Path(tmp.name) / "dense"
         progress("exporting the dense reference graph (in a subprocess: its memory is not the decode's)")
         _export_dense_reference(artifact, onnx_dense, sparse_manifest["graph"], tmp)
+    exports = {"dense": onnx_dense, "sparse": onnx}
     try:
+        if floor:
+            progress("writing a copy of the sparse export with every gate closed (the floor)")
+            exports["floor"] = speed.closed_variant(onnx, Path(tmp.name) / "floor")
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(onnx), local_files_only=True)
         ids = np.asarray(tok(prompt).input_ids, dtype=np.int64)
         long_ids = np.resize(ids, prefill_tokens) if prefill_tokens else None
-        progress(f"decoding with the dense and the sparse export in turns ({warmup} warm-up + {steps} steps each)"
+        progress(f"decoding with the {', '.join(exports)} exports in turns ({warmup} warm-up + {steps} steps each)"
                  + (f", then prefilling {prefill_tokens} tokens" if prefill_tokens else ""))
-        runs = speed.time_decode({"dense": onnx_dense, "sparse": onnx}, ids, steps, warmup, threads=threads,
-                                 prefill_ids=long_ids)
+        runs = speed.time_decode(exports, ids, steps, warmup, threads=threads, prefill_ids=long_ids)
+        floor_run = runs.pop("floor", None)
         # the torch runtime only after the timed runs, so their peak memory is ONNX Runtime's and not torch's
         rt = load_runtime(artifact)
         g = sparse_manifest["gates"]
@@ -563,6 +569,10 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         wb = speed.weight_bytes(onnx)
         read = {"dense": speed.bytes_per_token(speed.weight_bytes(onnx_dense)),
                 "sparse": speed.bytes_per_token(wb, realized)}
+        breakdown = None
+        if floor_run is not None:
+            breakdown = speed.time_breakdown(runs["dense"].ms_per_token, runs["sparse"].ms_per_token,
+                                             floor_run.ms_per_token, wb, speed.gated_projections(onnx), realized)
         kernel_rows = []
         if kernel:
             if shapes is None:
@@ -571,8 +581,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
             kernel_rows = speed.kernel_bench(shapes=shapes, threads=threads, working_set_mb=kernel_working_set,
                                              log=progress)
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        tmp.cleanup()
     d, s_ = runs["dense"], runs["sparse"]
     result = {
         "artifact": str(artifact), "onnx": str(onnx), "gates": g, "prompt_tokens": int(ids.size),
@@ -589,6 +598,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         "same_tokens": d.tokens == s_.tokens,
         "kernel_shapes": [list(x) for x in shapes] if kernel else [],
         "kernel": kernel_rows,
+        "breakdown": breakdown,
     }
     if json_out:
         _emit_json(result)
@@ -608,6 +618,15 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         out.print(f"speedup burst by burst (dense and sparse bursts of one round side by side): min "
                   f"{spread['min']:.2f}x, median {spread['median']:.2f}x, max {spread['max']:.2f}x over "
                   f"{spread['bursts']} bursts")
+    if breakdown:
+        b = breakdown
+        rate = lambda v: f"{v:.1f} GB/s" if v else "-"  # noqa: E731
+        out.print(f"where the time goes: the sparse export with every gate closed (the floor) {b['floor_ms']:.2f} "
+                  f"ms/token; gated rows {b['gated_ms']:.2f} ms for {b['gated_bytes'] / 1e9:.3f} GB "
+                  f"({rate(b['gated_gb_per_s'])}), the same projections dense {b['dense_ms']:.2f} ms for "
+                  f"{b['dense_bytes'] / 1e9:.3f} GB ({rate(b['dense_gb_per_s'])}); the gated rows read at the dense "
+                  f"rate would make the speedup {b['speedup_at_dense_rate']:.2f}x (rows read for free: "
+                  f"{b['speedup_free_rows']:.2f}x)")
     if prefill_tokens:
         out.print(f"prefill of {prefill_tokens} tokens (exports in turns, median of 3): dense {d.prefill_ms:.1f} ms, "
                   f"sparse {s_.prefill_ms:.1f} ms ({d.prefill_ms / s_.prefill_ms:.2f}x)")

@@ -277,6 +277,65 @@ def _fused_widths(m) -> dict[str, list[int]]:
     return widths
 
 
+# -- where a decode step's time goes ------------------------------------------------------------------------------
+def closed_variant(folder: str | Path, out: str | Path) -> Path:
+    """A copy of a sparse export with every gate closed (thresholds +inf, k 0). Each gated op is still called but
+    reads no weight row, so its decode step is the floor that gating cannot lower: lm_head, attention, norms, the
+    projections left dense, and the gated ops' own calls. Its outputs are meaningless; it exists to be timed."""
+    import onnx
+
+    from ..onnx_runtime import ONNX_MODEL
+
+    m = onnx.load(str(Path(folder) / ONNX_MODEL))
+    for n in m.graph.node:
+        if n.domain != onnx_ops.DOMAIN:
+            continue
+        for a in n.attribute:
+            if a.name == "threshold":
+                a.f = float("inf")
+            elif a.name == "thresholds":
+                a.floats[:] = [float("inf")] * len(a.floats)
+            elif a.name == "k":
+                a.i = 0
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # a protobuf holds at most 2 GB: larger models keep their weights beside the graph, as the export wrote them
+    big = sum(len(t.raw_data) for t in m.graph.initializer) > 1 << 30
+    onnx.save_model(m, str(out / ONNX_MODEL), save_as_external_data=big, location="weights.bin")
+    return out
+
+
+def gated_projections(folder: str | Path) -> set[str]:
+    """The projections (`layers.L.P`, the names of `weight_bytes`) that an export computes with gated ops."""
+    import onnx
+
+    from ..onnx_runtime import ONNX_MODEL
+
+    m = onnx.load(str(Path(folder) / ONNX_MODEL), load_external_data=False)
+    names = set()
+    for n in m.graph.node:
+        if n.domain == onnx_ops.DOMAIN and n.input[1].endswith(".weight_t"):
+            _, layer, tag = n.input[1][: -len(".weight_t")].split(".")
+            names.update(f"layers.{layer}.{p}" for p in tag.split("+"))
+    return names
+
+
+def time_breakdown(dense_ms: float, sparse_ms: float, floor_ms: float, wbytes: dict[str, int], gated: set[str],
+                   realized) -> dict:
+    """What the floor says of the two decode steps: the gated rows' time (sparse - floor) and the same
+    projections' time in the dense export (dense - floor; the floor also holds the closed ops' calls, so this
+    slightly under-counts the dense side), each with the weight bytes it read; and the speedups the gated rows
+    would allow if read at the dense side's rate (floor + dense part x kept / full bytes) and if read for free."""
+    full = {k: v for k, v in wbytes.items() if k in gated}
+    kept, total = bytes_per_token(full, realized), float(sum(full.values()))
+    dense_part, gated_part = dense_ms - floor_ms, sparse_ms - floor_ms
+    rate = lambda b, ms: b / (ms / 1e3) / 1e9 if ms > 0 else None  # noqa: E731 - a formula, named once
+    return {"floor_ms": floor_ms, "gated_ms": gated_part, "gated_bytes": kept, "gated_gb_per_s": rate(kept, gated_part),
+            "dense_ms": dense_part, "dense_bytes": total, "dense_gb_per_s": rate(total, dense_part),
+            "speedup_at_dense_rate": dense_ms / (floor_ms + max(dense_part, 0.0) * kept / max(total, 1.0)),
+            "speedup_free_rows": dense_ms / floor_ms}
+
+
 def bytes_per_token(wbytes: dict[str, int], realized=None) -> float:
     """Weight bytes one decode step reads; `realized` [L, 7] (projection order of PROJECTIONS) discounts the rows
     of dropped channels."""
