@@ -372,6 +372,16 @@ def test_topk_float16_and_external_data(family_artifacts, tmp_path):
     assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
     ids = np.array([3, 5, 7, 11], np.int64)
     assert len(OnnxDecoder(out).greedy(ids, 4)) == 4
+    # the bench's floor of such an export: k 0 everywhere, the external weights linked (one file system here)
+    from wina_cli.bench.speed import closed_variant
+
+    floor = closed_variant(out, tmp_path / "floor")
+    assert (floor / "model.onnx.data").samefile(out / "model.onnx.data")
+    fm = onnx.load(str(floor / "model.onnx"), load_external_data=False)
+    assert {helper.get_attribute_value(a) for n in fm.graph.node if n.domain == onnx_ops.DOMAIN
+            for a in n.attribute if a.name == "k"} == {0}
+    np.testing.assert_allclose(OnnxDecoder(floor).prefill(ids[None])[0],
+                               OnnxDecoder(floor, use_native=False).prefill(ids[None])[0], atol=1e-4)
     # the speed bench's byte count: gated weights are read as stored (fp16), plain MatMuls' weights as the
     # float32 ONNX Runtime folds their Cast into
     from wina_cli.bench.speed import weight_bytes

@@ -5,6 +5,8 @@ the same run, warm-up excluded.
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -286,7 +288,8 @@ def closed_variant(folder: str | Path, out: str | Path) -> Path:
 
     from ..onnx_runtime import ONNX_MODEL
 
-    m = onnx.load(str(Path(folder) / ONNX_MODEL))
+    folder = Path(folder)
+    m = onnx.load(str(folder / ONNX_MODEL), load_external_data=False)
     for n in m.graph.node:
         if n.domain != onnx_ops.DOMAIN:
             continue
@@ -299,9 +302,20 @@ def closed_variant(folder: str | Path, out: str | Path) -> Path:
                 a.i = 0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # a protobuf holds at most 2 GB: larger models keep their weights beside the graph, as the export wrote them
-    big = sum(len(t.raw_data) for t in m.graph.initializer) > 1 << 30
-    onnx.save_model(m, str(out / ONNX_MODEL), save_as_external_data=big, location="weights.bin")
+    # Weights kept beside the graph are hard-linked (copied across file systems), never loaded: the variant of a
+    # model larger than memory costs no memory. Not a symbolic link: ONNX Runtime refuses external data whose
+    # resolved path leaves the model's folder.
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            name = next(e.value for e in t.external_data if e.key == "location")
+            dst = out / name
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(folder / name, dst)
+                except OSError:
+                    shutil.copyfile(folder / name, dst)
+    onnx.save_model(m, str(out / ONNX_MODEL))
     return out
 
 
