@@ -118,7 +118,7 @@ class KVBuffers:
     """
 
     def __init__(self, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int):
-        self.names, self.length, self.binding = names, 0, None
+        self.length, self.binding = 0, None
         self.arrays = {n: np.zeros((batch, kv_heads, capacity, head_dim), np.float32) for n in names}
         self.values = self._wrap()
 
@@ -239,7 +239,7 @@ class OnnxDecoder:
         logits, cache = self.run(ids, mask, pos, self.empty_cache(b, capacity or s + 256))
         return logits, cache, mask
 
-    def step(self, tokens: np.ndarray, cache: dict, mask: np.ndarray):
+    def step(self, tokens: np.ndarray, cache: dict | KVBuffers, mask: np.ndarray):
         """tokens [batch] appended after the cached ones -> logits [batch, vocab], cache, mask."""
         b = tokens.shape[0]
         past = mask.shape[1]
