@@ -603,6 +603,9 @@ def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, t
     assert r.returncode == 0, r.stderr
     assert b["weight_bytes_per_token"]["dense"] == speed.bytes_per_token(speed.weight_bytes(tmp_path / "dense"))
     assert speed.weight_bytes(tmp_path / "fused") == speed.weight_bytes(tmp_path / "single")
+    graph = speed.graph_of(tmp_path / "fused")  # a graph loaded once serves both readers
+    assert speed.weight_bytes(graph) == speed.weight_bytes(tmp_path / "fused")
+    assert speed.gated_projections(graph) == speed.gated_projections(tmp_path / "fused")
 
     # --floor: a third export, every gate closed, decoded in the same turns; fused and single name the same
     # gated projections
@@ -616,6 +619,44 @@ def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, t
     wb = speed.weight_bytes(tmp_path / "fused")
     assert f["floor_ms"] > 0 and f["dense_bytes"] == sum(wb[p] for p in gated)
     assert 0 < f["gated_bytes"] < f["dense_bytes"]
+
+
+def test_export_replans_criterion_and_allocation(family_artifacts, tmp_path, capsys):
+    """--criterion / --allocation re-plan the gates from the artifact's calibration (validated like any export).
+    TEAL scores with a uniform allocation give the projections in a fused node the same score and the same target,
+    so one threshold table: the node's thresholds come out (nearly) equal, its scales exactly."""
+    from onnx import numpy_helper
+
+    art = family_artifacts["llama"]
+    default = json.loads((Path(art) / "wina.json").read_text())["gates"]
+    assert (default["criterion"], default["allocation"]) != ("teal", "uniform")
+    code, out, err = run_inproc(["export", art, "--format", "onnx", "--fuse", "--criterion", "teal", "--allocation",
+                                 "uniform", "-o", tmp_path / "teal", "--json"], capsys)
+    assert code == 0, err
+    m = as_json(out)
+    assert {k: m["gates"][k] for k in ("criterion", "allocation", "target")} == \
+        {"criterion": "teal", "allocation": "uniform", "target": default["target"]}
+    model = onnx.load(str(tmp_path / "teal" / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    fused = [n for n in model.graph.node if n.op_type.startswith("FusedGatedMatMul")]
+    assert len(fused) == 2 * m["graph"]["num_layers"]
+    for n in fused:
+        thr = np.array(next(a.floats for a in n.attribute if a.name == "thresholds"))
+        assert np.all(np.isfinite(thr)) and np.ptp(thr) <= 0.1 * thr.mean(), (n.name, thr)
+        scales = [inits[s] for s in n.input[2:2 + len(thr)]]
+        assert all(np.array_equal(scales[0], s) for s in scales[1:])
+    # only the allocation: the criterion stays the artifact's; a target too
+    code, out, err = run_inproc(["export", art, "--format", "onnx", "--allocation", "uniform", "--sparsity", "0.3",
+                                 "-o", tmp_path / "uni", "--json"], capsys)
+    assert code == 0, err
+    g = as_json(out)["gates"]
+    assert (g["criterion"], g["allocation"], g["target"]) == (default["criterion"], "uniform", 0.3)
+    for bad in (["--criterion", "magnitude"], ["--allocation", "even"], ["--dense", "--criterion", "teal"],
+                ["--format", "safetensors", "--allocation", "uniform"]):
+        args = ["export", art, *(["--format", "onnx"] if "--format" not in bad else []), *bad, "-o", tmp_path / "x"]
+        code, _, err = run_inproc(args, capsys)
+        assert code == 3 and (bad[-2] in err or bad[-1] in err), (bad, err)
+        assert not (tmp_path / "x").exists()
 
 
 def test_the_floor_variant_closes_every_gate_and_nothing_else(family_artifacts, tmp_path):

@@ -183,6 +183,13 @@ def export(
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 (or bfloat16 for safetensors)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s",
                                              help="ONNX: re-plan the gates for this target (0 = dense MatMuls)."),
+    criterion: Optional[str] = typer.Option(None, "--criterion",
+                                            help="ONNX: re-plan the gates with this criterion (wina or teal)."),
+    allocation: Optional[str] = typer.Option(None, "--allocation",
+                                             help="ONNX: re-plan the gates with this allocation (uniform, greedy "
+                                                  "or global). TEAL scores with uniform allocation give the "
+                                                  "projections that read one input nearly one shared mask, which "
+                                                  "--fuse reads as whole rows."),
     dense: bool = typer.Option(False, "--dense", help="ONNX: a dense graph of plain MatMuls, for comparison."),
     decode_steps: int = typer.Option(16, "--decode-steps", help="ONNX: KV-cache steps the validation checks."),
     attention: str = typer.Option("fused", "--attention",
@@ -206,6 +213,16 @@ def export(
     if sparsity is not None and not 0.0 <= sparsity <= 0.9:
         raise ConfigError(f"--sparsity {sparsity} is out of range", "targets lie in [0, 0.9]",
                           "pass a value such as 0.5")
+    from .gating import ALLOCATIONS
+    from .sparse import CRITERIA
+
+    for flag, value, names in (("--criterion", criterion, CRITERIA), ("--allocation", allocation, ALLOCATIONS)):
+        if value is not None and value not in names:
+            raise ConfigError(f"unknown {flag} '{value}'", f"an artifact's gates are planned with {flag[2:]} "
+                              f"{', '.join(names)}", "pass one of those")
+    if dense and (criterion or allocation):
+        raise ConfigError("--dense takes no --criterion or --allocation", "a dense graph has no gates to plan",
+                          "drop --dense, or drop the gate options")
     if decode_steps < 1:
         raise ConfigError(f"--decode-steps {decode_steps} is not positive", "validation decodes at least one step",
                           "pass e.g. --decode-steps 16")
@@ -222,7 +239,8 @@ def export(
 
         from .onnx_runtime import describe_gates
 
-        manifest = export_onnx(str(artifact), output, weight_dtype=dtype, sparsity=sparsity, dense=dense,
+        manifest = export_onnx(str(artifact), output, weight_dtype=dtype, sparsity=sparsity, criterion=criterion,
+                               allocation=allocation, dense=dense,
                                overwrite=overwrite, decode_steps=decode_steps, attention=attention, fuse=fuse,
                                log=progress)
         if json_out:
@@ -248,8 +266,8 @@ def export(
             out.print(f"note: {v['note']}")
         out.print(f"wrote {output}")
         return
-    if sparsity is not None or dense:
-        raise ConfigError("--sparsity and --dense apply to ONNX export only",
+    if sparsity is not None or dense or criterion or allocation:
+        raise ConfigError("--sparsity, --criterion, --allocation and --dense apply to ONNX export only",
                           "a safetensors artifact keeps its whole calibration, so any target can be chosen at run "
                           "time", "drop the option, or pass --format onnx")
     from exporters.safetensors import reexport
@@ -566,13 +584,16 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         model_realized = float((realized * sizes).sum() / sizes.sum())
         fused = {"dense": read_onnx_manifest(onnx_dense)["graph"].get("fused", False),
                  "sparse": sparse_manifest["graph"].get("fused", False)}
-        wb = speed.weight_bytes(onnx)
+        sparse_graph = speed.graph_of(onnx)  # read once: a graph with its weights inline is the model's size
+        wb = speed.weight_bytes(sparse_graph)
         read = {"dense": speed.bytes_per_token(speed.weight_bytes(onnx_dense)),
                 "sparse": speed.bytes_per_token(wb, realized)}
         breakdown = None
         if floor_run is not None:
             breakdown = speed.time_breakdown(runs["dense"].ms_per_token, runs["sparse"].ms_per_token,
-                                             floor_run.ms_per_token, wb, speed.gated_projections(onnx), realized)
+                                             floor_run.ms_per_token, wb, speed.gated_projections(sparse_graph),
+                                             realized)
+        del sparse_graph
         kernel_rows = []
         if kernel:
             if shapes is None:

@@ -200,7 +200,8 @@ def save_model(model: onnx.ModelProto, folder: Path, external_above: int = PROTO
 
 
 def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sparsity: float | None = None,
-                dense: bool = False, overwrite: bool = False, decode_steps: int = 16, seed: int = 0,
+                criterion: str | None = None, allocation: str | None = None, dense: bool = False,
+                overwrite: bool = False, decode_steps: int = 16, seed: int = 0,
                 external_above: int = PROTOBUF_LIMIT, attention: str = "fused", fuse: bool = False,
                 log=lambda m: None) -> dict:
     if attention not in ATTENTION:
@@ -213,8 +214,10 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
     src = read_artifact(artifact)
     rt = load_runtime(artifact, dtype="float32")
     plan = rt.default_plan
-    if sparsity is not None:
-        plan = rt.plan_for(plan.criterion, plan.mode, plan.allocation, sparsity)
+    if sparsity is not None or criterion is not None or allocation is not None:
+        # re-planned from the artifact's calibration, as `wina bench` and the torch runtime can at any target
+        plan = rt.plan_for(criterion or plan.criterion, plan.mode, allocation or plan.allocation,
+                           plan.target if sparsity is None else sparsity)
     if dense or (sparsity is not None and sparsity == 0.0):
         plan = None
     rt.use_plan(plan)

@@ -228,16 +228,25 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
     return rows
 
 
-def weight_bytes(folder: str | Path) -> dict[str, int]:
+def graph_of(export) -> "onnx.ModelProto":
+    """An export's graph without its weight data (an export folder, or a graph already loaded, as is)."""
+    import onnx
+
+    from ..onnx_runtime import ONNX_MODEL
+
+    if isinstance(export, onnx.ModelProto):
+        return export
+    return onnx.load(str(Path(export) / ONNX_MODEL), load_external_data=False)
+
+
+def weight_bytes(folder) -> dict[str, int]:
     """Bytes of the weights a decode step multiplies by, grouped: per projection name `layers.L.P`, `lm_head`,
     and `basis` (the transform's shortcut and post-norm rotations). Embedding rows are gathered, not read whole.
     A float16 weight that feeds a Cast (a plain MatMul's) counts as float32: ONNX Runtime folds the Cast when it
     loads the model, so that MatMul reads float32; the native kernels read float16 as stored."""
     import onnx
 
-    from ..onnx_runtime import ONNX_MODEL
-
-    m = onnx.load(str(Path(folder) / ONNX_MODEL), load_external_data=False)
+    m = graph_of(folder)
     cast_inputs = {n.input[0] for n in m.graph.node if n.op_type == "Cast"}
     widths = _fused_widths(m)
     out: dict[str, int] = {}
@@ -319,13 +328,9 @@ def closed_variant(folder: str | Path, out: str | Path) -> Path:
     return out
 
 
-def gated_projections(folder: str | Path) -> set[str]:
+def gated_projections(folder) -> set[str]:
     """The projections (`layers.L.P`, the names of `weight_bytes`) that an export computes with gated ops."""
-    import onnx
-
-    from ..onnx_runtime import ONNX_MODEL
-
-    m = onnx.load(str(Path(folder) / ONNX_MODEL), load_external_data=False)
+    m = graph_of(folder)
     names = set()
     for n in m.graph.node:
         if n.domain == onnx_ops.DOMAIN and n.input[1].endswith(".weight_t"):
