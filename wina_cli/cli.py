@@ -220,9 +220,9 @@ def export(
         if value is not None and value not in names:
             raise ConfigError(f"unknown {flag} '{value}'", f"an artifact's gates are planned with {flag[2:]} "
                               f"{', '.join(names)}", "pass one of those")
-    if dense and (criterion or allocation):
-        raise ConfigError("--dense takes no --criterion or --allocation", "a dense graph has no gates to plan",
-                          "drop --dense, or drop the gate options")
+    if (dense or sparsity == 0.0) and (criterion or allocation):
+        raise ConfigError("--dense (or --sparsity 0) takes no --criterion or --allocation",
+                          "a dense graph has no gates to plan", "drop --dense, or drop the gate options")
     if decode_steps < 1:
         raise ConfigError(f"--decode-steps {decode_steps} is not positive", "validation decodes at least one step",
                           "pass e.g. --decode-steps 16")
