@@ -651,8 +651,8 @@ def test_export_replans_criterion_and_allocation(family_artifacts, tmp_path, cap
     assert code == 0, err
     g = as_json(out)["gates"]
     assert (g["criterion"], g["allocation"], g["target"]) == (default["criterion"], "uniform", 0.3)
-    for bad in (["--criterion", "magnitude"], ["--allocation", "even"], ["--dense", "--criterion", "teal"], ["--sparsity", "0", "--allocation", "uniform"],
-                ["--format", "safetensors", "--allocation", "uniform"]):
+    for bad in (["--criterion", "magnitude"], ["--allocation", "even"], ["--dense", "--criterion", "teal"],
+                ["--sparsity", "0", "--allocation", "uniform"], ["--format", "safetensors", "--allocation", "uniform"]):
         args = ["export", art, *(["--format", "onnx"] if "--format" not in bad else []), *bad, "-o", tmp_path / "x"]
         code, _, err = run_inproc(args, capsys)
         assert code == 3 and (bad[-2] in err or bad[-1] in err), (bad, err)

@@ -268,8 +268,8 @@ def export(
         return
     if sparsity is not None or dense or criterion or allocation:
         raise ConfigError("--sparsity, --criterion, --allocation and --dense apply to ONNX export only",
-                          "a safetensors artifact keeps its whole calibration, so any target can be chosen at run "
-                          "time", "drop the option, or pass --format onnx")
+                          "a safetensors artifact keeps its whole calibration, so any target, criterion and "
+                          "allocation can be chosen when it runs", "drop the option, or pass --format onnx")
     from exporters.safetensors import reexport
 
     validation = reexport(str(artifact), output, dtype, overwrite, log=progress)
