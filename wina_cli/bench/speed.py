@@ -298,7 +298,7 @@ def closed_variant(folder: str | Path, out: str | Path) -> Path:
     from ..onnx_runtime import ONNX_MODEL
 
     folder = Path(folder)
-    m = onnx.load(str(folder / ONNX_MODEL), load_external_data=False)
+    m = graph_of(folder)  # a fresh load, changed below
     for n in m.graph.node:
         if n.domain != onnx_ops.DOMAIN:
             continue
