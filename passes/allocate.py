@@ -11,6 +11,11 @@ at a few block sparsities (its greedy split) and the error it leaves in the mode
 which counts what later layers do with it; a greedy search over layers then takes the cheapest error per weight
 skipped. Both criteria's layer paths are stored, so every model-wide target is a lookup too.
 
+`kl` (wina's allocation by measured output sensitivity) gates every projection alone at each of KL_LEVELS and
+measures the KL divergence of the model's next-token distribution from the dense one, running the model on from
+that layer's cached dense input; the plan is a knapsack over those curves (gating.kl_knapsack). It is the costly
+one (210 projections x 5 levels on SmolLM2), so it is measured only for the criteria a recipe asks for.
+
 Candidates are re-measured lazily: a step rarely makes another projection's next step cheaper, so the cheapest
 stale candidate is re-measured first and taken when it is still the cheapest (usually 1-2 measurements a step
 instead of 7).
@@ -19,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from wina_cli.gating import (MAX_TARGET, SENSITIVITY_LEVELS, Allocation, GateSet, block_sparsity, layer_search,
-                             lookup_path)
+from wina_cli.config import kl_criteria
+from wina_cli.gating import (KL_LEVELS, MAX_TARGET, SENSITIVITY_LEVELS, Allocation, GateSet, block_sparsity,
+                             layer_search, lookup_path)
 from wina_cli.models.adapters import PROJECTIONS
 from wina_cli.sparse import CRITERIA, Gate
 
@@ -91,9 +97,12 @@ def greedy_path(layer, l: int, x: torch.Tensor, kw: dict, gates: GateSet, stats,
 
 
 def _layer_gates(stats, criterion: str, l: int, svec: torch.Tensor) -> dict:
-    return {name: None if svec[p] <= 0 else Gate(
-        criterion, "threshold", stats.threshold(criterion, l, p, float(svec[p])), 0,
-        stats.col_norm(l, p) if criterion == "wina" else None) for p, name in enumerate(PROJECTIONS)}
+    return {name: _gate(stats, criterion, l, p, float(svec[p])) for p, name in enumerate(PROJECTIONS)}
+
+
+def _gate(stats, criterion: str, l: int, p: int, sparsity: float) -> Gate | None:
+    return None if sparsity <= 0 else Gate(criterion, "threshold", stats.threshold(criterion, l, p, sparsity), 0,
+                                           stats.col_norm(l, p) if criterion == "wina" else None)
 
 
 @torch.no_grad()
@@ -118,6 +127,36 @@ def layer_sensitivity(adapter, inputs, gates: GateSet, stats, criterion: str, pa
             gates.set_layer(l, _layer_gates(stats, criterion, l, lookup_path(paths[l], level)))
             out[l, 1 + i] = _rel_err(run_from(l), ref)
         gates.set_layer(l, {name: None for name in PROJECTIONS})
+    return out
+
+
+@torch.no_grad()
+def projection_kl(adapter, inputs, gates: GateSet, stats, criterion: str, progress=lambda m: None) -> torch.Tensor:
+    """[L, 7, 1 + levels]: mean per-token KL(dense || gated) of the next-token distribution when only projection p
+    of layer l is gated at each of KL_LEVELS; column 0 is 0. Runs from layer l's captured dense input."""
+    layers = adapter.layers()
+    norm, head = adapter.final_norm(), adapter.lm_head()
+    cap = getattr(adapter.config, "final_logit_softcapping", None)
+
+    def log_probs_from(l: int) -> torch.Tensor:
+        h = inputs[l][0]
+        for j in range(l, len(layers)):
+            h = layers[j](h, **inputs[j][1])
+        z = head(norm(h)).float()
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return torch.log_softmax(z.reshape(-1, z.shape[-1]), dim=-1)
+
+    ref = log_probs_from(0)
+    p_ref = ref.exp()
+    out = torch.zeros(len(layers), len(PROJECTIONS), 1 + len(KL_LEVELS))
+    for l in range(len(layers)):
+        progress(f"({l + 1}/{len(layers)}) projection sensitivity [{criterion}]")
+        for p, name in enumerate(PROJECTIONS):
+            for i, level in enumerate(KL_LEVELS):
+                gates.set_layer(l, {name: _gate(stats, criterion, l, p, level)})
+                out[l, p, 1 + i] = float((p_ref * (ref - log_probs_from(l))).sum(dim=-1).mean())
+            gates.set_layer(l, {name: None})
     return out
 
 
@@ -150,8 +189,15 @@ class Allocate(Pass):
             sens = layer_sensitivity(a, inputs, state.gateset, state.stats, c, paths, state.progress)
             alloc.sensitivity[c] = sens
             alloc.layer_path[c] = layer_search(sens, sizes.sum(dim=1))
+        kl_for = kl_criteria(r)
+        if kl_for:
+            kl_ids = state.calib_ids[: r.allocation.kl_samples, : r.allocation.kl_seq_len]
+            kl_inputs = capture_block_inputs(a, kl_ids)
+            for c in kl_for:
+                alloc.kl[c] = projection_kl(a, kl_inputs, state.gateset, state.stats, c, state.progress)
         state.allocation = alloc
-        return PassResult(True, {"criteria": sorted(alloc.greedy)})
+        return PassResult(True, {"criteria": sorted(alloc.greedy), "kl_criteria": kl_for,
+                                 **({"kl_tokens": int(kl_ids.numel())} if kl_for else {})})
 
     def ensures(self, state: PipelineState, result: PassResult):
         for c, paths in state.allocation.greedy.items():
@@ -169,3 +215,12 @@ class Allocate(Pass):
             if not torch.isfinite(state.allocation.sensitivity[c]).all():
                 raise self.fail(f"the layer sensitivities ({c}) are not finite",
                                 "a gated layer produced inf/nan downstream", "check the model in fp32")
+        for c in kl_criteria(state.recipe):
+            table = state.allocation.kl.get(c)
+            if table is None or not torch.isfinite(table).all():
+                raise self.fail(f"the KL table ({c}) is missing or not finite",
+                                "a gated projection produced inf/nan downstream", "check the model in fp32")
+            # KL is non-negative; allow float noise of a nearly dense probe
+            if float(table.min()) < -1e-5:
+                raise self.fail(f"the KL table ({c}) has a negative entry ({float(table.min()):.2e})",
+                                "a KL divergence cannot be negative: the probe is broken", "report it")

@@ -96,23 +96,24 @@ class SelectMethod(Pass):
         limit = dense * (1 + sp.max_ppl_increase)
         candidates, incumbent = [], state.incumbent
         policies = auto_dense_first(state.recipe)
-        total = len(policies) * len(CRITERIA) * len(ALLOCATIONS)
+        # kl is a candidate only for the criteria whose KL table the recipe measured (allocation.kl_criteria)
+        pairs = [(c, a) for c in CRITERIA for a in ALLOCATIONS if state.allocation.has(c, a)]
+        total = len(policies) * len(pairs)
         for n in policies:
-            for c in CRITERIA:
-                for a in ALLOCATIONS:
-                    tag = (f"candidate {len(candidates) + 1}/{total} [{state.transform}]: "
-                           f"{c}/{a}{f', first {n} dense' if n else ''}")
+            for c, a in pairs:
+                tag = (f"candidate {len(candidates) + 1}/{total} [{state.transform}]: "
+                       f"{c}/{a}{f', first {n} dense' if n else ''}")
 
-                    def measure(t, c=c, a=a, n=n, tag=tag):
-                        return held_apart_eval(state, (c, sp.mode, a), t, f"{tag} at {t:.3f}", dense_first=n)
+                def measure(t, c=c, a=a, n=n, tag=tag):
+                    return held_apart_eval(state, (c, sp.mode, a), t, f"{tag} at {t:.3f}", dense_first=n)
 
-                    got = (within_budget(measure, limit, incumbent) if budget
-                           else at_realized(measure, sp.target, match))
-                    cand = {"transform": state.transform, "criterion": c, "allocation": a, "dense_first": n, **got,
-                            "ppl_increase": got["ppl"] / dense - 1}
-                    candidates.append(cand)
-                    if budget and (incumbent is None or rank(cand, True) > rank(incumbent, True)):
-                        incumbent = cand
+                got = (within_budget(measure, limit, incumbent) if budget
+                       else at_realized(measure, sp.target, match))
+                cand = {"transform": state.transform, "criterion": c, "allocation": a, "dense_first": n, **got,
+                        "ppl_increase": got["ppl"] / dense - 1}
+                candidates.append(cand)
+                if budget and (incumbent is None or rank(cand, True) > rank(incumbent, True)):
+                    incumbent = cand
         best = max(candidates, key=lambda x: rank(x, budget))
         state.choice = {"criterion": best["criterion"], "allocation": best["allocation"],
                         "dense_first": best["dense_first"]}

@@ -143,6 +143,25 @@ def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tin
                   "--max-ppl-increase", "lots"], 3, "--max-ppl-increase 'lots'")
 
 
+def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text):
+    code, stdout, err = run_inproc(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", tmp_path / "o",
+                                    *SMALL, "--transform", "none", "--criterion", "teal", "--allocation", "kl",
+                                    "--json"], capsys)
+    assert code == 0, err
+    r = as_json(stdout)
+    assert r["gates"]["allocation"] == "kl"
+    info = [p for p in r["passes"] if p["name"] == "allocate"][0]["info"]
+    assert info["kl_criteria"] == ["teal"] and info["kl_tokens"] == 64  # the KL window is cut from the 64-token ones
+    code, stdout, err = run_inproc(["bench", tmp_path / "o", "--data", calib_text, "--sparsity", "0.5", "--configs",
+                                    "teal/kl,teal/uniform", "--num-samples", "2", "--seq-len", "64", "--json"], capsys)
+    assert code == 0, err
+    runs = {r["allocation"]: r for r in as_json(stdout)["runs"]}
+    assert runs["kl"]["ppl"] > 1 and runs["kl"]["realized_sparsity"] > 0.3
+    assert runs["kl"]["ppl"] != runs["uniform"]["ppl"]  # another split of the same target
+    _bad(capsys, ["bench", tmp_path / "o", "--data", calib_text, "--configs", "wina/kl", "--num-samples", "2",
+                  "--seq-len", "64"], 8, "no kl allocation for criterion 'wina'")
+
+
 def _auto_config(tmp_path, model_dir, text, auto: str) -> Path:
     cfg = tmp_path / "auto.yaml"
     cfg.write_text(f"model: {model_dir}\ndata:\n  path: {text}\n  num_samples: 4\n  seq_len: 64\n"
@@ -153,12 +172,15 @@ def _auto_config(tmp_path, model_dir, text, auto: str) -> Path:
 
 def test_method_auto_measures_every_candidate_and_keeps_the_best(capsys, tmp_path, tiny_llama_dir, calib_text):
     cfg = _auto_config(tmp_path, tiny_llama_dir, calib_text, "  transforms: none,pca-global\n")
-    code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "o", "--json"], capsys)
+    code, stdout, err = run_inproc(["calibrate", "--config", cfg, "-o", tmp_path / "o", "--kl-criteria", "teal",
+                                    "--json"], capsys)
     assert code == 0, err
     auto = as_json(stdout)["validation"]["auto"]
     cands = auto["candidates"]
+    # kl is a candidate for the criterion whose KL table was measured, and only for it
     assert {(c["transform"], c["criterion"], c["allocation"]) for c in cands} == {
-        (t, c, a) for t in ("none", "pca-global") for c in ("wina", "teal") for a in ("greedy", "uniform", "global")}
+        (t, c, a) for t in ("none", "pca-global") for c in ("wina", "teal") for a in ("greedy", "uniform", "global")
+    } | {("none", "teal", "kl"), ("pca-global", "teal", "kl")}
     best = min(cands, key=lambda c: c["ppl"])
     assert auto["chosen"] == best and best["transform"] in auto["reason"]
     wina = json.loads((tmp_path / "o" / "config.json").read_text())["wina"]

@@ -79,6 +79,11 @@ def test_quality_keys_are_checked(tmp_path):
     from wina_cli.config import auto_dense_first
 
     assert auto_dense_first(r) == [4]  # empty: the recipe's own policy only
+    from wina_cli.config import kl_criteria
+
+    assert kl_criteria(r) == []  # the costly KL table is measured only when asked for
+    assert kl_criteria(load_recipe(write(tmp_path, "model: m\nsparsity:\n  allocation: kl\n  criterion: teal\n"
+                                                   "allocation:\n  kl_criteria: wina, teal\n"))) == ["wina", "teal"]
     assert auto_dense_first(load_recipe(write(tmp_path, "model: m\nauto:\n  dense_first: 0, 4,4\n"))) == [0, 4]
     assert auto_dense_first(load_recipe(write(tmp_path, "model: m\nauto:\n  dense_first: 8\n"))) == [8]
     for bad, needle in (("sparsity:\n  max_ppl_increase: -0.1\n", "`sparsity.max_ppl_increase`"),
@@ -88,7 +93,9 @@ def test_quality_keys_are_checked(tmp_path):
                         ("auto:\n  transforms: ''\n", "`auto.transforms`"),
                         ("auto:\n  dense_first: 0,four\n", "`auto.dense_first`"),
                         ("auto:\n  dense_first: '-2'\n", "`auto.dense_first`"),
-                        ("holdout:\n  num_samples: 0\n", "`holdout.num_samples`")):
+                        ("holdout:\n  num_samples: 0\n", "`holdout.num_samples`"),
+                        ("allocation:\n  kl_criteria: teal,tael\n", "`allocation.kl_criteria`"),
+                        ("allocation:\n  kl_seq_len: 0\n", "`allocation.kl_seq_len`")):
         with pytest.raises(ConfigError) as e:
             validate(load_recipe(write(tmp_path, "model: m\ndata:\n  path: d\n" + bad)))
         assert needle in e.value.message, (bad, e.value.message)

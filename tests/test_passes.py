@@ -10,8 +10,8 @@ from passes.fold_norms import FoldNorms
 from passes.load import LoadCheckpoint
 from passes.rotate import RotateWina
 from wina_cli.errors import PassError, ValidationError
-from wina_cli.gating import (MAX_TARGET, SENSITIVITY_LEVELS, layer_search, lookup_layer_path, lookup_path, plan_gates,
-                             threshold_at)
+from wina_cli.gating import (KL_LEVELS, MAX_TARGET, SENSITIVITY_LEVELS, kl_knapsack, layer_search, lookup_layer_path,
+                             lookup_path, plan_gates, threshold_at)
 from wina_cli.perplexity import max_sparsity_within
 from wina_cli.models.adapters import PROJECTIONS
 
@@ -166,6 +166,66 @@ def test_layer_search_takes_the_cheapest_layer_first():
     assert float(path[first_move_of_layer0 - 1, 2]) == pytest.approx(MAX_TARGET)
     assert float(path[-1, 0]) == pytest.approx(MAX_TARGET)
     assert float(lookup_layer_path(path, 0.2)[0]) == 0.0 and float(lookup_layer_path(path, 0.2)[1]) == pytest.approx(0.4)
+
+
+@pytest.fixture(scope="module")
+def kl_calibrated():
+    return run_pipeline("llama", "none", **{"sparsity.allocation": "kl", "sparsity.criterion": "teal",
+                                            "allocation.kl_seq_len": 32})
+
+
+def test_kl_table_is_the_kl_of_a_full_forward(kl_calibrated):
+    """Each entry, measured from the layer's cached input, equals the KL of the whole model's next-token
+    distribution with only that projection gated."""
+    st = kl_calibrated
+    table = st.allocation.kl["teal"]
+    assert set(st.allocation.kl) == {"teal"}  # only the criterion asked for: the table is the costly one
+    assert table.shape == (2, 7, 1 + len(KL_LEVELS)) and (table[..., 0] == 0).all()
+    assert (table[..., -1] > table[..., 1]).all()  # more sparsity, more divergence: the probe measures something
+    ids = st.calib_ids[:1, :32]
+    st.gateset.apply(None, st.stats.col_norms, st.stats.in_features)
+    with torch.no_grad():
+        ref = torch.log_softmax(st.model(ids).logits[0].float(), dim=-1)
+        for l, p, i in ((0, 3, 2), (1, 6, 4), (1, 0, 1)):
+            plan = plan_gates(st.stats, st.allocation, "teal", "threshold", "uniform", 0.0)
+            plan.sparsity[l, p] = KL_LEVELS[i]
+            plan.threshold[l, p] = st.stats.threshold("teal", l, p, KL_LEVELS[i])
+            st.gateset.apply(plan, st.stats.col_norms, st.stats.in_features)
+            got = torch.log_softmax(st.model(ids).logits[0].float(), dim=-1)
+            kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+            assert kl == pytest.approx(float(table[l, p, 1 + i]), rel=1e-3, abs=1e-7), (l, p, i)
+    st.gateset.apply(None, st.stats.col_norms, st.stats.in_features)
+
+
+def test_kl_allocation_meets_every_target(kl_calibrated):
+    alloc, st = kl_calibrated.allocation, kl_calibrated.stats
+    assert alloc.has("teal", "kl") and not alloc.has("wina", "kl") and alloc.has("wina", "uniform")
+    prev = torch.zeros_like(alloc.sizes)
+    for target in (0.0, 0.1, 0.25, 0.5, 0.65, 0.9):
+        s = alloc.per_projection("teal", "kl", target)
+        got = float((s * alloc.sizes).sum() / alloc.sizes.sum())
+        assert abs(got - target) < 1e-4, (target, got)
+        assert (s >= prev - 1e-6).all() and (s <= MAX_TARGET + 1e-6).all()  # a higher target only adds sparsity
+        prev = s
+    assert kl_calibrated.gates.allocation == "kl"
+    assert torch.equal(kl_calibrated.gates.sparsity, alloc.per_projection("teal", "kl", 0.5))
+
+
+def test_kl_knapsack_spends_the_target_where_it_costs_least():
+    levels = torch.tensor((0.0,) + KL_LEVELS)
+    kl = torch.zeros(1, 7, len(levels))
+    for p in range(7):
+        kl[0, p] = 10.0 * levels ** 2  # expensive everywhere ...
+    kl[0, 2] = 0.1 * levels ** 2  # ... but v, which takes the first weights up to its top level
+    kl[0, 4] = 10.0 * levels ** 2
+    kl[0, 4, 1] = 50.0  # a measured bump (noise) at the first level of gate: the hull bridges it ...
+    sizes = torch.full((1, 7), 100.0)
+    s = kl_knapsack(kl, sizes, 0.9 / 7)
+    assert float(s[0, 2]) == pytest.approx(0.9) and float(s.sum() - s[0, 2]) == pytest.approx(0.0, abs=1e-6)
+    s = kl_knapsack(kl, sizes, 0.3)
+    assert float((s * sizes).sum() / sizes.sum()) == pytest.approx(0.3)
+    assert float(s[0, 4]) < float(s[0, 0])  # ... but gate still pays more KL per weight than q, so it lags
+    assert torch.equal(s, kl_knapsack(kl, sizes, 0.3))  # deterministic, ties broken by position
 
 
 def test_budget_search_finds_the_highest_target_within_the_limit():

@@ -63,7 +63,11 @@ def calibrate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Deployment target in [0, 0.9]."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="wina (|x|*||W[:,i]||) or teal (|x|)."),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="greedy (per block), global (across layers) or uniform."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="greedy (per block), global (across "
+                                             "layers), kl (every projection by its measured effect on the output "
+                                             "distribution; the costly one) or uniform."),
+    kl_criteria: Optional[str] = typer.Option(None, "--kl-criteria", help="Also measure the kl allocation's table "
+                                              "for these criteria (e.g. teal,wina), so bench and auto can use it."),
     mode: Optional[str] = typer.Option(None, "--mode", help="threshold (calibrated) or topk."),
     max_ppl_increase: Optional[str] = typer.Option(
         None, "--max-ppl-increase", help="Search the highest sparsity whose calibration perplexity stays within "
@@ -96,7 +100,7 @@ def calibrate(
                  "seed": seed, "sparsity.target": sparsity, "sparsity.criterion": criterion,
                  "sparsity.allocation": allocation, "sparsity.mode": mode, "transform": transform, "dtype": dtype,
                  "method": method, "auto.transforms": auto_transforms, "auto.dense_first": auto_dense_first,
-                 "auto.match_realized": auto_match_realized,
+                 "auto.match_realized": auto_match_realized, "allocation.kl_criteria": kl_criteria,
                  "output": output, "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
                                                                                                 "--max-ppl-increase")}
@@ -186,8 +190,8 @@ def export(
     criterion: Optional[str] = typer.Option(None, "--criterion",
                                             help="ONNX: re-plan the gates with this criterion (wina or teal)."),
     allocation: Optional[str] = typer.Option(None, "--allocation",
-                                             help="ONNX: re-plan the gates with this allocation (uniform, greedy "
-                                                  "or global). TEAL scores with uniform allocation give the "
+                                             help="ONNX: re-plan the gates with this allocation (uniform, greedy, "
+                                                  "global, or kl where the artifact measured it). TEAL scores with uniform allocation give the "
                                                   "projections that read one input nearly one shared mask, which "
                                                   "--fuse reads as whole rows."),
     dense: bool = typer.Option(False, "--dense", help="ONNX: a dense graph of plain MatMuls, for comparison."),
@@ -342,7 +346,7 @@ def bench(
                                "gating cannot lower, and the gated rows' GB/s against the same projections dense."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
     criteria: str = typer.Option("teal,wina", "--criteria"),
-    allocations: str = typer.Option("uniform,greedy", "--allocations", help="uniform, greedy and/or global."),
+    allocations: str = typer.Option("uniform,greedy", "--allocations", help="uniform, greedy, global and/or kl."),
     mode: str = typer.Option("threshold", "--mode", help="threshold or topk."),
     configs: Optional[str] = typer.Option(
         None, "--configs", help="Instead of criteria x allocations: a list of criterion/allocation pairs, e.g. "

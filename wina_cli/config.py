@@ -26,7 +26,9 @@ class DataSection:
 class SparsitySection:
     target: float = 0.5
     criterion: str = "wina"  # wina | teal
-    allocation: str = "greedy"  # greedy (within each block) | global (across layers, then blocks) | uniform
+    # greedy (within each block) | global (across layers, then blocks) | kl (every projection by its own measured
+    # effect on the output distribution) | uniform
+    allocation: str = "greedy"
     mode: str = "threshold"  # threshold | topk
     # > 0: search the highest target whose calibration-text perplexity stays within (1 + p) of dense; the
     # target above is then ignored.
@@ -43,6 +45,12 @@ class AllocationSection:
     num_samples: int = 4
     seq_len: int = 64
     step: float = 0.1  # per-step sparsity increase of an average-sized projection
+    # The `kl` allocation's table: each projection gated alone, KL of the next-token distribution measured on
+    # kl_samples x kl_seq_len calibration tokens (cut from the calibration windows, so at most those). Measured for these criteria (comma-separated), and for the
+    # recipe's criterion whenever `sparsity.allocation` is kl; it costs 210 x 5 partial forwards on SmolLM2.
+    kl_criteria: str = ""
+    kl_samples: int = 1
+    kl_seq_len: int = 256
 
 
 @dataclass
@@ -90,7 +98,7 @@ class Recipe:
 CHOICES = {
     "transform": ("wina", "stacked", "pca", "pca-global", "none"),
     "sparsity.criterion": ("wina", "teal"),
-    "sparsity.allocation": ("greedy", "global", "uniform"),
+    "sparsity.allocation": ("greedy", "global", "kl", "uniform"),
     "sparsity.mode": ("threshold", "topk"),
     "dtype": ("float32", "float16", "bfloat16"),
     "method": ("manual", "auto"),
@@ -163,8 +171,13 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
     if bad:
         raise ConfigError(f"`auto.transforms` has {', '.join(bad)}", f"transforms: {', '.join(CHOICES['transform'])}",
                           "write a comma-separated list of those, e.g. none,wina")
+    bad = [c for c in kl_criteria(recipe) if c not in CHOICES["sparsity.criterion"]]
+    if bad:
+        raise ConfigError(f"`allocation.kl_criteria` has {', '.join(bad)}",
+                          f"criteria: {', '.join(CHOICES['sparsity.criterion'])}",
+                          "write a comma-separated list of those, e.g. teal,wina, or leave it empty")
     for key in ("data.num_samples", "data.seq_len", "allocation.num_samples", "allocation.seq_len",
-                "holdout.num_samples"):
+                "allocation.kl_samples", "allocation.kl_seq_len", "holdout.num_samples"):
         if get_path(recipe, key) < 1:
             raise ConfigError(f"`{key}` is {get_path(recipe, key)}", "it must be at least 1", "raise it")
     if recipe.allocation.seq_len > recipe.data.seq_len:
@@ -189,6 +202,14 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
         raise ConfigError("no calibration data given", "thresholds are calibrated on sample text",
                           "pass --data or set `data.path` in the config")
     return recipe
+
+
+def kl_criteria(recipe: Recipe) -> list[str]:
+    """The criteria whose KL table the calibration measures (the kl allocation needs it)."""
+    names = [c.strip() for c in recipe.allocation.kl_criteria.split(",") if c.strip()]
+    if recipe.sparsity.allocation == "kl":
+        names.append(recipe.sparsity.criterion)
+    return list(dict.fromkeys(names))
 
 
 def auto_transforms(recipe: Recipe) -> list[str]:

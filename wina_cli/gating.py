@@ -15,8 +15,9 @@ from .sparse import CRITERIA, MODES, Gate, GatedLinear, Segment, column_norms
 
 LEVELS = 1000  # quantile table: the score below which a fraction j/LEVELS of channels fall, j = 0..LEVELS-1
 MAX_TARGET = 0.9
-ALLOCATIONS = ("greedy", "uniform", "global")
+ALLOCATIONS = ("greedy", "uniform", "global", "kl")
 SENSITIVITY_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)  # block sparsities each layer is probed at (linear in between)
+KL_LEVELS = (0.2, 0.35, 0.5, 0.65, 0.9)  # sparsities each projection is probed at alone (linear in between)
 
 
 @dataclass
@@ -66,17 +67,32 @@ class Allocation:
     `layer_path[c]` [steps, 1 + L] is the path a greedy search over layers took on those curves:
     column 0 the model-wide sparsity, then each layer's block sparsity. Each layer's share is then split among
     its projections on its greedy path.
+
+    `kl` measures every projection on its own: `kl[c]` [L, 7, 1 + levels] is the KL divergence of the model's
+    next-token distribution from the dense one (mean per token) when only projection p of layer l is gated, at
+    sparsity 0 and each of KL_LEVELS. A knapsack over all projections then spends the model-wide target where it
+    costs the least KL per weight skipped (KL taken as additive across projections, linear between levels).
     """
 
     sizes: torch.Tensor  # [L, 7] number of weights per projection
     greedy: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_path: dict[str, torch.Tensor] = field(default_factory=dict)
+    kl: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def has(self, criterion: str, allocation: str) -> bool:
+        """Whether this allocation can be planned for this criterion (the tables it needs were measured)."""
+        return {"uniform": True, "greedy": criterion in self.greedy, "global": criterion in self.layer_path,
+                "kl": criterion in self.kl}[allocation]
 
     def per_projection(self, criterion: str, allocation: str, target: float) -> torch.Tensor:
         L = self.sizes.shape[0]
         if allocation == "uniform":
             return torch.full((L, len(PROJECTIONS)), float(target))
+        if allocation == "kl":
+            if criterion not in self.kl:
+                raise KeyError(criterion)
+            return kl_knapsack(self.kl[criterion], self.sizes, target)
         if criterion not in self.greedy:
             raise KeyError(criterion)
         if allocation == "global":
@@ -126,6 +142,47 @@ def layer_search(sensitivity: torch.Tensor, layer_sizes: torch.Tensor) -> torch.
         at[best] += 1
         path.append(row())
     return torch.tensor(path, dtype=torch.float32)
+
+
+def kl_knapsack(kl: torch.Tensor, sizes: torch.Tensor, target: float) -> torch.Tensor:
+    """[L, 7] sparsities skipping a fraction `target` of all projection weights at the least total KL.
+
+    Each projection's cost curve (KL at sparsity 0 and KL_LEVELS, made non-decreasing: a measured dip is noise)
+    is replaced by its lower convex hull, whose segments have rising KL per weight; taking the segments of all
+    projections in order of that slope, the last one partly, is then the best split under the additive model.
+    Ties go to the earlier layer and projection, so the plan is deterministic."""
+    levels = torch.tensor((0.0,) + KL_LEVELS, dtype=torch.float64)
+    cost = kl.double().cummax(dim=-1).values
+    size = sizes.double()
+    L, P, _ = cost.shape
+    segments = []  # (KL per weight, layer, projection, from level, to level)
+    for l in range(L):
+        for p in range(P):
+            hull = [0]
+            for i in range(1, len(levels)):
+                # drop the last hull point while it lies on or above the chord to point i
+                while len(hull) >= 2:
+                    a, b = hull[-2], hull[-1]
+                    if (cost[l, p, b] - cost[l, p, a]) * (levels[i] - levels[a]) >= \
+                            (cost[l, p, i] - cost[l, p, a]) * (levels[b] - levels[a]):
+                        hull.pop()
+                    else:
+                        break
+                hull.append(i)
+            for a, b in zip(hull, hull[1:]):
+                slope = float((cost[l, p, b] - cost[l, p, a]) / ((levels[b] - levels[a]) * size[l, p]))
+                segments.append((slope, l, p, float(levels[a]), float(levels[b])))
+    segments.sort()
+    out = torch.zeros(L, P, dtype=torch.float64)
+    need = min(max(float(target), 0.0), MAX_TARGET) * float(size.sum())
+    for _, l, p, lo, hi in segments:
+        if need <= 0:
+            break
+        weights = (hi - lo) * float(size[l, p])
+        take = min(1.0, need / weights)
+        out[l, p] = lo + (hi - lo) * take
+        need -= weights * take
+    return out.float()
 
 
 def lookup_path(path: torch.Tensor, target: float) -> torch.Tensor:

@@ -36,6 +36,8 @@ def gate_tensors(stats: CalibrationStats, alloc: Allocation, plan: GatePlan) -> 
     for c in alloc.layer_path:
         t[f"wina.sensitivity.{c}"] = alloc.sensitivity[c]
         t[f"wina.layer_path.{c}"] = alloc.layer_path[c]
+    for c, table in alloc.kl.items():
+        t[f"wina.kl.{c}"] = table
     return {k: v.contiguous() for k, v in t.items()}
 
 
@@ -49,7 +51,8 @@ def read_gate_tensors(t: dict[str, torch.Tensor], wina_cfg: dict) -> tuple[Calib
                            {c: [t[f"wina.greedy.{c}.{l}"].float() for l in range(L)] for c in CRITERIA
                             if f"wina.greedy.{c}.0" in t},
                            {c: t[f"wina.sensitivity.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t},
-                           {c: t[f"wina.layer_path.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t})
+                           {c: t[f"wina.layer_path.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t},
+                           {c: t[f"wina.kl.{c}"].float() for c in CRITERIA if f"wina.kl.{c}" in t})
         plan = GatePlan(wina_cfg["criterion"], wina_cfg["mode"], wina_cfg["allocation"], float(wina_cfg["target"]),
                         t["wina.gate.sparsity"].float(), t["wina.gate.threshold"].float(), t["wina.gate.k"])
     except KeyError as e:
@@ -88,11 +91,13 @@ class Runtime:
         if not 0.0 <= target <= 0.9:
             raise ConfigError(f"target sparsity {target} is out of range", "targets lie in [0, 0.9]",
                               "pick a value such as 0.5")
-        if allocation == "greedy" and criterion not in self.allocation.greedy or \
-                allocation == "global" and criterion not in self.allocation.layer_path:
+        if not self.allocation.has(criterion, allocation):
+            fix = (f"recalibrate with `allocation.kl_criteria: {criterion}` (or `--allocation kl --criterion "
+                   f"{criterion}`), or pick another allocation" if allocation == "kl"
+                   else "use --allocation uniform or recalibrate")
             raise ArtifactError(f"the artifact has no {allocation} allocation for criterion '{criterion}'",
-                                "it was calibrated without it (artifacts older than the global allocation lack "
-                                "its layer paths)", "use --allocation uniform or recalibrate")
+                                "it was calibrated without it (the KL tables are measured only for the criteria "
+                                "asked for; artifacts older than the global allocation lack its layer paths)", fix)
         return plan_gates(self.stats, self.allocation, criterion, mode, allocation, target)
 
     def dense(self):
