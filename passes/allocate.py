@@ -11,10 +11,10 @@ at a few block sparsities (its greedy split) and the error it leaves in the mode
 which counts what later layers do with it; a greedy search over layers then takes the cheapest error per weight
 skipped. Both criteria's layer paths are stored, so every model-wide target is a lookup too.
 
-`kl` (wina's allocation by measured output sensitivity) gates every projection alone at each of KL_LEVELS and
-measures the KL divergence of the model's next-token distribution from the dense one, running the model on from
-that layer's cached dense input; the plan is a knapsack over those curves (gating.kl_knapsack). It is the costly
-one (210 projections x 5 levels on SmolLM2), so it is measured only for the criteria a recipe asks for.
+`kl` (wina's allocation by output sensitivity) takes, for every projection gated alone at a range of sparsities,
+the KL divergence of the model's next-token distribution from the dense one (kl_sensitivity: a second-order
+estimate by default, or measured); the plan is a knapsack over those curves (gating.kl_knapsack). It is measured
+only for the criteria a recipe asks for.
 
 Candidates are re-measured lazily: a step rarely makes another projection's next step cheaper, so the cheapest
 stale candidate is re-measured first and taken when it is still the cheapest (usually 1-2 measurements a step
@@ -25,30 +25,19 @@ from __future__ import annotations
 import torch
 
 from wina_cli.config import kl_criteria
-from wina_cli.gating import (KL_LEVELS, MAX_TARGET, SENSITIVITY_LEVELS, Allocation, GateSet, block_sparsity,
-                             layer_search, lookup_path)
+from wina_cli.gating import (KL_LEVELS_EXACT, KL_LEVELS_FISHER, MAX_TARGET, SENSITIVITY_LEVELS, Allocation, GateSet,
+                             block_sparsity, layer_search, lookup_path)
 from wina_cli.models.adapters import PROJECTIONS
-from wina_cli.sparse import CRITERIA, Gate
+from wina_cli.sparse import CRITERIA
 
 from .base import Pass, PassResult, PipelineState
+from .capture import capture_block_inputs
+from .kl_sensitivity import exact_kl, fisher_check, fisher_kl, threshold_gate
+
+# the second-order estimate's sum over the check's entries must lie within this factor of the measured KL
+FISHER_CHECK_FACTOR = 3.0
 
 PROJECTION_CAP = 0.99
-
-
-@torch.no_grad()
-def capture_block_inputs(adapter, ids: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
-    """Each decoder layer's input hidden states and keyword arguments on `ids`, from one dense forward."""
-    captured = []
-    handles = [layer.register_forward_pre_hook(
-        lambda m, args, kwargs: captured.append((args[0] if args else kwargs["hidden_states"],
-                                                 {k: v for k, v in kwargs.items() if k != "hidden_states"})),
-        with_kwargs=True) for layer in adapter.layers()]
-    try:
-        adapter.base(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -97,12 +86,7 @@ def greedy_path(layer, l: int, x: torch.Tensor, kw: dict, gates: GateSet, stats,
 
 
 def _layer_gates(stats, criterion: str, l: int, svec: torch.Tensor) -> dict:
-    return {name: _gate(stats, criterion, l, p, float(svec[p])) for p, name in enumerate(PROJECTIONS)}
-
-
-def _gate(stats, criterion: str, l: int, p: int, sparsity: float) -> Gate | None:
-    return None if sparsity <= 0 else Gate(criterion, "threshold", stats.threshold(criterion, l, p, sparsity), 0,
-                                           stats.col_norm(l, p) if criterion == "wina" else None)
+    return {name: threshold_gate(stats, criterion, l, p, float(svec[p])) for p, name in enumerate(PROJECTIONS)}
 
 
 @torch.no_grad()
@@ -127,36 +111,6 @@ def layer_sensitivity(adapter, inputs, gates: GateSet, stats, criterion: str, pa
             gates.set_layer(l, _layer_gates(stats, criterion, l, lookup_path(paths[l], level)))
             out[l, 1 + i] = _rel_err(run_from(l), ref)
         gates.set_layer(l, {name: None for name in PROJECTIONS})
-    return out
-
-
-@torch.no_grad()
-def projection_kl(adapter, inputs, gates: GateSet, stats, criterion: str, progress=lambda m: None) -> torch.Tensor:
-    """[L, 7, 1 + levels]: mean per-token KL(dense || gated) of the next-token distribution when only projection p
-    of layer l is gated at each of KL_LEVELS; column 0 is 0. Runs from layer l's captured dense input."""
-    layers = adapter.layers()
-    norm, head = adapter.final_norm(), adapter.lm_head()
-    cap = getattr(adapter.config, "final_logit_softcapping", None)
-
-    def log_probs_from(l: int) -> torch.Tensor:
-        h = inputs[l][0]
-        for j in range(l, len(layers)):
-            h = layers[j](h, **inputs[j][1])
-        z = head(norm(h)).float()
-        if cap:
-            z = torch.tanh(z / cap) * cap
-        return torch.log_softmax(z.reshape(-1, z.shape[-1]), dim=-1)
-
-    ref = log_probs_from(0)
-    p_ref = ref.exp()
-    out = torch.zeros(len(layers), len(PROJECTIONS), 1 + len(KL_LEVELS))
-    for l in range(len(layers)):
-        progress(f"({l + 1}/{len(layers)}) projection sensitivity [{criterion}]")
-        for p, name in enumerate(PROJECTIONS):
-            for i, level in enumerate(KL_LEVELS):
-                gates.set_layer(l, {name: _gate(stats, criterion, l, p, level)})
-                out[l, p, 1 + i] = float((p_ref * (ref - log_probs_from(l))).sum(dim=-1).mean())
-            gates.set_layer(l, {name: None})
     return out
 
 
@@ -190,14 +144,25 @@ class Allocate(Pass):
             alloc.sensitivity[c] = sens
             alloc.layer_path[c] = layer_search(sens, sizes.sum(dim=1))
         kl_for = kl_criteria(r)
+        info = {"criteria": sorted(alloc.greedy), "kl_criteria": kl_for}
         if kl_for:
-            kl_ids = state.calib_ids[: r.allocation.kl_samples, : r.allocation.kl_seq_len]
-            kl_inputs = capture_block_inputs(a, kl_ids)
+            ar = r.allocation
+            kl_ids = state.calib_ids[: ar.kl_samples, : ar.kl_seq_len]
+            fisher = ar.kl_estimate == "fisher"
+            state.gateset.apply(None, state.stats.col_norms, state.stats.in_features)  # both probes start dense
+            levels = torch.tensor((0.0,) + (KL_LEVELS_FISHER if fisher else KL_LEVELS_EXACT))
+            info.update(kl_estimate=ar.kl_estimate, kl_tokens=int(kl_ids.numel()),
+                        **({"kl_draws": ar.kl_draws, "kl_check": {}} if fisher else {}))
             for c in kl_for:
-                alloc.kl[c] = projection_kl(a, kl_inputs, state.gateset, state.stats, c, state.progress)
+                if fisher:
+                    table = fisher_kl(a, kl_ids, state.stats, c, levels, ar.kl_draws, r.seed, state.progress)
+                    info["kl_check"][c] = fisher_check(a, kl_ids, state.gateset, state.stats, c, levels, table)
+                else:
+                    table = exact_kl(a, capture_block_inputs(a, kl_ids), state.gateset, state.stats, c, levels,
+                                     progress=state.progress)
+                alloc.kl[c], alloc.kl_levels[c] = table, levels
         state.allocation = alloc
-        return PassResult(True, {"criteria": sorted(alloc.greedy), "kl_criteria": kl_for,
-                                 **({"kl_tokens": int(kl_ids.numel())} if kl_for else {})})
+        return PassResult(True, info)
 
     def ensures(self, state: PipelineState, result: PassResult):
         for c, paths in state.allocation.greedy.items():
@@ -224,3 +189,11 @@ class Allocate(Pass):
             if float(table.min()) < -1e-5:
                 raise self.fail(f"the KL table ({c}) has a negative entry ({float(table.min()):.2e})",
                                 "a KL divergence cannot be negative: the probe is broken", "report it")
+            check = result.info.get("kl_check", {}).get(c)
+            if check is not None and not 1 / FISHER_CHECK_FACTOR <= check["ratio"] <= FISHER_CHECK_FACTOR:
+                raise self.fail(
+                    f"the second-order KL estimate ({c}) is {check['ratio']:.2f}x the KL measured for layer "
+                    f"{check['layer']}'s projections at sparsity {check['level']}",
+                    f"it must lie within {FISHER_CHECK_FACTOR:g}x of it for the allocation to be trusted; the "
+                    "estimate is too noisy on these tokens or the model is far from quadratic there",
+                    "raise allocation.kl_draws or kl_samples, or set allocation.kl_estimate: exact")

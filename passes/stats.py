@@ -18,7 +18,7 @@ from wina_cli.gating import CalibrationStats, model_col_norms, projection_shapes
 from wina_cli.models.adapters import PROJECTIONS
 from wina_cli.sparse import CRITERIA
 
-from .allocate import capture_block_inputs
+from .capture import capture_block_inputs
 from .base import Pass, PassResult, PipelineState
 
 SAMPLE_PER_PROJECTION = 1 << 18  # pooled scores per projection and criterion; quantile error ~ 1e-3

@@ -87,7 +87,7 @@ class AdapterContract:
     def test_layer_by_layer_reproduces_the_full_forward(self):
         # collect_stats steps every window through one layer at a time with the first window's layer keyword
         # arguments (rotary tables, masks); that must give each layer exactly the inputs of a full forward.
-        from passes.allocate import capture_block_inputs
+        from passes.capture import capture_block_inputs
         from passes.stats import first_layer_inputs
 
         model = tiny_model(self.model_type)

@@ -151,7 +151,12 @@ def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text):
     r = as_json(stdout)
     assert r["gates"]["allocation"] == "kl"
     info = [p for p in r["passes"] if p["name"] == "allocate"][0]["info"]
-    assert info["kl_criteria"] == ["teal"] and info["kl_tokens"] == 64  # the KL window is cut from the 64-token ones
+    # the KL windows (8 x 512 by default) are cut from the 4 x 64-token calibration windows
+    assert info["kl_criteria"] == ["teal"] and info["kl_tokens"] == 4 * 64
+    # the default second-order estimate, checked against the KL measured for the middle layer's projections
+    check = info["kl_check"]["teal"]
+    assert info["kl_estimate"] == "fisher" and info["kl_draws"] == 8 and check["measured"] > 0
+    assert 1 / 3 <= check["ratio"] <= 3 and check["level"] == 0.5
     code, stdout, err = run_inproc(["bench", tmp_path / "o", "--data", calib_text, "--sparsity", "0.5", "--configs",
                                     "teal/kl,teal/uniform", "--num-samples", "2", "--seq-len", "64", "--json"], capsys)
     assert code == 0, err

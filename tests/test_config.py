@@ -95,7 +95,9 @@ def test_quality_keys_are_checked(tmp_path):
                         ("auto:\n  dense_first: '-2'\n", "`auto.dense_first`"),
                         ("holdout:\n  num_samples: 0\n", "`holdout.num_samples`"),
                         ("allocation:\n  kl_criteria: teal,tael\n", "`allocation.kl_criteria`"),
-                        ("allocation:\n  kl_seq_len: 0\n", "`allocation.kl_seq_len`")):
+                        ("allocation:\n  kl_seq_len: 0\n", "`allocation.kl_seq_len`"),
+                        ("allocation:\n  kl_estimate: taylor\n", "`allocation.kl_estimate`"),
+                        ("allocation:\n  kl_draws: 0\n", "`allocation.kl_draws`")):
         with pytest.raises(ConfigError) as e:
             validate(load_recipe(write(tmp_path, "model: m\ndata:\n  path: d\n" + bad)))
         assert needle in e.value.message, (bad, e.value.message)

@@ -6,11 +6,14 @@ import torch
 
 from conftest import make_recipe, run_pipeline, tiny_model, tiny_tokenizer
 from passes.base import Pass, PassResult, Pipeline, PipelineState
+from passes.allocate import Allocate
 from passes.fold_norms import FoldNorms
+from passes.kl_sensitivity import fisher_kl
 from passes.load import LoadCheckpoint
 from passes.rotate import RotateWina
 from wina_cli.errors import PassError, ValidationError
-from wina_cli.gating import (KL_LEVELS, MAX_TARGET, SENSITIVITY_LEVELS, kl_knapsack, layer_search, lookup_layer_path,
+from wina_cli.gating import (KL_LEVELS_EXACT, KL_LEVELS_FISHER, MAX_TARGET, SENSITIVITY_LEVELS, kl_knapsack,
+                             layer_search, lookup_layer_path,
                              lookup_path, plan_gates, threshold_at)
 from wina_cli.perplexity import max_sparsity_within
 from wina_cli.models.adapters import PROJECTIONS
@@ -171,6 +174,7 @@ def test_layer_search_takes_the_cheapest_layer_first():
 @pytest.fixture(scope="module")
 def kl_calibrated():
     return run_pipeline("llama", "none", **{"sparsity.allocation": "kl", "sparsity.criterion": "teal",
+                                            "allocation.kl_estimate": "exact", "allocation.kl_samples": 2,
                                             "allocation.kl_seq_len": 32})
 
 
@@ -180,21 +184,75 @@ def test_kl_table_is_the_kl_of_a_full_forward(kl_calibrated):
     st = kl_calibrated
     table = st.allocation.kl["teal"]
     assert set(st.allocation.kl) == {"teal"}  # only the criterion asked for: the table is the costly one
-    assert table.shape == (2, 7, 1 + len(KL_LEVELS)) and (table[..., 0] == 0).all()
+    assert torch.equal(st.allocation.kl_levels["teal"], torch.tensor((0.0,) + KL_LEVELS_EXACT))
+    assert table.shape == (2, 7, 1 + len(KL_LEVELS_EXACT)) and (table[..., 0] == 0).all()
     assert (table[..., -1] > table[..., 1]).all()  # more sparsity, more divergence: the probe measures something
-    ids = st.calib_ids[:1, :32]
+    ids = st.calib_ids[:2, :32]
     st.gateset.apply(None, st.stats.col_norms, st.stats.in_features)
     with torch.no_grad():
-        ref = torch.log_softmax(st.model(ids).logits[0].float(), dim=-1)
+        ref = torch.log_softmax(st.model(ids).logits.float(), dim=-1)
         for l, p, i in ((0, 3, 2), (1, 6, 4), (1, 0, 1)):
             plan = plan_gates(st.stats, st.allocation, "teal", "threshold", "uniform", 0.0)
-            plan.sparsity[l, p] = KL_LEVELS[i]
-            plan.threshold[l, p] = st.stats.threshold("teal", l, p, KL_LEVELS[i])
+            plan.sparsity[l, p] = KL_LEVELS_EXACT[i]
+            plan.threshold[l, p] = st.stats.threshold("teal", l, p, KL_LEVELS_EXACT[i])
             st.gateset.apply(plan, st.stats.col_norms, st.stats.in_features)
-            got = torch.log_softmax(st.model(ids).logits[0].float(), dim=-1)
+            got = torch.log_softmax(st.model(ids).logits.float(), dim=-1)
             kl = float((ref.exp() * (ref - got)).sum(-1).mean())
             assert kl == pytest.approx(float(table[l, p, 1 + i]), rel=1e-3, abs=1e-7), (l, p, i)
     st.gateset.apply(None, st.stats.col_norms, st.stats.in_features)
+
+
+def test_fisher_estimate_tracks_the_measured_kl(kl_calibrated):
+    """The second-order estimate, on the same tokens, against the measured table: it ranks the 70 entries alike
+    and its total is close, deterministic for a seed, and it leaves the model dense."""
+    st = kl_calibrated
+    exact = st.allocation.kl["teal"].double()
+    fine = torch.tensor((0.0,) + KL_LEVELS_FISHER)
+    assert set(KL_LEVELS_EXACT) <= set(KL_LEVELS_FISHER)
+    at = [KL_LEVELS_FISHER.index(v) + 1 for v in KL_LEVELS_EXACT]
+    st.gateset.apply(None, st.stats.col_norms, st.stats.in_features)
+    before = [prm.requires_grad for prm in st.model.parameters()]
+    est = fisher_kl(st.adapter, st.calib_ids[:2, :32], st.stats, "teal", fine, 32, 0)
+    assert est.shape == (2, 7, len(fine)) and (est[..., 0] == 0).all()
+    mine = est[..., at].double()
+    logs = torch.stack([mine.flatten().log(), exact[..., 1:].flatten().log()])
+    assert float(torch.corrcoef(logs)[0, 1]) > 0.95
+    low = [0, 1, 2]  # quadratic is the expansion's regime: up to sparsity 0.5
+    assert 0.75 < float(mine[..., low].sum() / exact[..., 1:][..., low].sum()) < 1.33
+    assert torch.equal(est, fisher_kl(st.adapter, st.calib_ids[:2, :32], st.stats, "teal", fine, 32, 0))
+    assert not torch.equal(est, fisher_kl(st.adapter, st.calib_ids[:2, :32], st.stats, "teal", fine, 32, 1))
+    assert all(seg.gate is None for segs in st.gateset.segments for seg in segs.values())
+    assert [prm.requires_grad for prm in st.model.parameters()] == before  # parameters as they were
+
+
+def test_kl_levels_travel_with_the_table_and_old_artifacts_read_as_exact(kl_calibrated):
+    from wina_cli.runtime import gate_tensors, read_gate_tensors
+
+    st = kl_calibrated
+    cfg = {"criterion": "teal", "mode": "threshold", "allocation": "kl", "target": 0.5}
+    t = gate_tensors(st.stats, st.allocation, st.gates)
+    fine = torch.tensor((0.0,) + KL_LEVELS_FISHER)
+    t["wina.kl_levels.teal"] = fine
+    t["wina.kl.teal"] = torch.rand(2, 7, len(fine), generator=torch.Generator().manual_seed(0)).cumsum(-1)
+    t["wina.kl.teal"][..., 0] = 0
+    _, alloc, _ = read_gate_tensors(t, cfg)
+    assert torch.equal(alloc.kl_levels["teal"], fine)
+    s = alloc.per_projection("teal", "kl", 0.3)
+    assert float((s * alloc.sizes).sum() / alloc.sizes.sum()) == pytest.approx(0.3, abs=1e-4)
+    # an artifact of the first kl allocation stored no levels: its 6-column tables are on the exact probe's
+    t = gate_tensors(st.stats, st.allocation, st.gates)
+    del t["wina.kl_levels.teal"]
+    _, alloc, _ = read_gate_tensors(t, cfg)
+    assert torch.equal(alloc.kl_levels["teal"], torch.tensor((0.0,) + KL_LEVELS_EXACT))
+    assert torch.equal(alloc.per_projection("teal", "kl", 0.5), st.allocation.per_projection("teal", "kl", 0.5))
+
+
+def test_allocate_rejects_a_fisher_estimate_far_from_the_measured_kl(kl_calibrated):
+    st = kl_calibrated
+    check = {"layer": 1, "level": 0.5, "estimated": 4.0, "measured": 1.0, "ratio": 4.0}
+    with pytest.raises(PassError, match="second-order KL estimate"):
+        Allocate().ensures(st, PassResult(True, {"kl_check": {"teal": check}}))
+    Allocate().ensures(st, PassResult(True, {"kl_check": {"teal": {**check, "ratio": 1.2}}}))
 
 
 def test_kl_allocation_meets_every_target(kl_calibrated):
@@ -212,7 +270,7 @@ def test_kl_allocation_meets_every_target(kl_calibrated):
 
 
 def test_kl_knapsack_spends_the_target_where_it_costs_least():
-    levels = torch.tensor((0.0,) + KL_LEVELS)
+    levels = torch.tensor((0.0,) + KL_LEVELS_EXACT)
     kl = torch.zeros(1, 7, len(levels))
     for p in range(7):
         kl[0, p] = 10.0 * levels ** 2  # expensive everywhere ...
@@ -220,12 +278,12 @@ def test_kl_knapsack_spends_the_target_where_it_costs_least():
     kl[0, 4] = 10.0 * levels ** 2
     kl[0, 4, 1] = 50.0  # a measured bump (noise) at the first level of gate: the hull bridges it ...
     sizes = torch.full((1, 7), 100.0)
-    s = kl_knapsack(kl, sizes, 0.9 / 7)
+    s = kl_knapsack(kl, sizes, 0.9 / 7, levels)
     assert float(s[0, 2]) == pytest.approx(0.9) and float(s.sum() - s[0, 2]) == pytest.approx(0.0, abs=1e-6)
-    s = kl_knapsack(kl, sizes, 0.3)
+    s = kl_knapsack(kl, sizes, 0.3, levels)
     assert float((s * sizes).sum() / sizes.sum()) == pytest.approx(0.3)
     assert float(s[0, 4]) < float(s[0, 0])  # ... but gate still pays more KL per weight than q, so it lags
-    assert torch.equal(s, kl_knapsack(kl, sizes, 0.3))  # deterministic, ties broken by position
+    assert torch.equal(s, kl_knapsack(kl, sizes, 0.3, levels))  # deterministic, ties broken by position
 
 
 def test_budget_search_finds_the_highest_target_within_the_limit():

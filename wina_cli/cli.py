@@ -64,10 +64,13 @@ def calibrate(
     sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="Deployment target in [0, 0.9]."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="wina (|x|*||W[:,i]||) or teal (|x|)."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="greedy (per block), global (across "
-                                             "layers), kl (every projection by its measured effect on the output "
-                                             "distribution; the costly one) or uniform."),
+                                             "layers), kl (every projection by its effect on the output "
+                                             "distribution) or uniform."),
     kl_criteria: Optional[str] = typer.Option(None, "--kl-criteria", help="Also measure the kl allocation's table "
                                               "for these criteria (e.g. teal,wina), so bench and auto can use it."),
+    kl_estimate: Optional[str] = typer.Option(None, "--kl-estimate", help="How the kl table is taken: fisher "
+                                              "(second-order estimate, fast) or exact (measured per projection "
+                                              "and level)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="threshold (calibrated) or topk."),
     max_ppl_increase: Optional[str] = typer.Option(
         None, "--max-ppl-increase", help="Search the highest sparsity whose calibration perplexity stays within "
@@ -101,6 +104,7 @@ def calibrate(
                  "sparsity.allocation": allocation, "sparsity.mode": mode, "transform": transform, "dtype": dtype,
                  "method": method, "auto.transforms": auto_transforms, "auto.dense_first": auto_dense_first,
                  "auto.match_realized": auto_match_realized, "allocation.kl_criteria": kl_criteria,
+                 "allocation.kl_estimate": kl_estimate,
                  "output": output, "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
                                                                                                 "--max-ppl-increase")}

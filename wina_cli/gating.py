@@ -17,7 +17,10 @@ LEVELS = 1000  # quantile table: the score below which a fraction j/LEVELS of ch
 MAX_TARGET = 0.9
 ALLOCATIONS = ("greedy", "uniform", "global", "kl")
 SENSITIVITY_LEVELS = (0.2, 0.4, 0.6, 0.8, 0.9)  # block sparsities each layer is probed at (linear in between)
-KL_LEVELS = (0.2, 0.35, 0.5, 0.65, 0.9)  # sparsities each projection is probed at alone (linear in between)
+# Sparsities each projection is probed at alone for the kl allocation (its cost is linear in between). The exact
+# probe pays a partial forward per level, so it takes few; the second-order estimate gets every level at once.
+KL_LEVELS_EXACT = (0.2, 0.35, 0.5, 0.65, 0.9)
+KL_LEVELS_FISHER = tuple(round(0.05 * i, 2) for i in range(1, 19))
 
 
 @dataclass
@@ -70,7 +73,7 @@ class Allocation:
 
     `kl` measures every projection on its own: `kl[c]` [L, 7, 1 + levels] is the KL divergence of the model's
     next-token distribution from the dense one (mean per token) when only projection p of layer l is gated, at
-    sparsity 0 and each of KL_LEVELS. A knapsack over all projections then spends the model-wide target where it
+    the sparsities `kl_levels[c]` (0 first). A knapsack over all projections then spends the model-wide target where it
     costs the least KL per weight skipped (KL taken as additive across projections, linear between levels).
     """
 
@@ -79,6 +82,7 @@ class Allocation:
     sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_path: dict[str, torch.Tensor] = field(default_factory=dict)
     kl: dict[str, torch.Tensor] = field(default_factory=dict)
+    kl_levels: dict[str, torch.Tensor] = field(default_factory=dict)  # [1 + levels], 0 first
 
     def has(self, criterion: str, allocation: str) -> bool:
         """Whether this allocation can be planned for this criterion (the tables it needs were measured)."""
@@ -92,7 +96,7 @@ class Allocation:
         if allocation == "kl":
             if criterion not in self.kl:
                 raise KeyError(criterion)
-            return kl_knapsack(self.kl[criterion], self.sizes, target)
+            return kl_knapsack(self.kl[criterion], self.sizes, target, self.kl_levels[criterion])
         if criterion not in self.greedy:
             raise KeyError(criterion)
         if allocation == "global":
@@ -144,14 +148,16 @@ def layer_search(sensitivity: torch.Tensor, layer_sizes: torch.Tensor) -> torch.
     return torch.tensor(path, dtype=torch.float32)
 
 
-def kl_knapsack(kl: torch.Tensor, sizes: torch.Tensor, target: float) -> torch.Tensor:
+def kl_knapsack(kl: torch.Tensor, sizes: torch.Tensor, target: float, levels: torch.Tensor) -> torch.Tensor:
     """[L, 7] sparsities skipping a fraction `target` of all projection weights at the least total KL.
 
-    Each projection's cost curve (KL at sparsity 0 and KL_LEVELS, made non-decreasing: a measured dip is noise)
+    Each projection's cost curve (KL at the sparsities `levels`, 0 first; made non-decreasing: a measured dip is noise)
     is replaced by its lower convex hull, whose segments have rising KL per weight; taking the segments of all
     projections in order of that slope, the last one partly, is then the best split under the additive model.
     Ties go to the earlier layer and projection, so the plan is deterministic."""
-    levels = torch.tensor((0.0,) + KL_LEVELS, dtype=torch.float64)
+    if kl.shape[-1] != len(levels):
+        raise ValueError(f"a KL table of {kl.shape[-1]} columns against {len(levels)} levels")
+    levels = levels.double()
     cost = kl.double().cummax(dim=-1).values
     size = sizes.double()
     L, P, _ = cost.shape

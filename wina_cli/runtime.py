@@ -13,7 +13,7 @@ import torch
 from .artifact import WEIGHTS, Artifact, read_artifact
 from .blocks import BASIS_BUFFERS, install_block_forward, set_basis_buffers
 from .errors import ArtifactError, ConfigError
-from .gating import ALLOCATIONS, Allocation, CalibrationStats, GatePlan, GateSet, plan_gates
+from .gating import ALLOCATIONS, KL_LEVELS_EXACT, Allocation, CalibrationStats, GatePlan, GateSet, plan_gates
 from .models.adapters import PROJECTIONS, Adapter, adapter_for
 from .models.load import DTYPES
 from .sparse import CRITERIA, MODES
@@ -38,6 +38,7 @@ def gate_tensors(stats: CalibrationStats, alloc: Allocation, plan: GatePlan) -> 
         t[f"wina.layer_path.{c}"] = alloc.layer_path[c]
     for c, table in alloc.kl.items():
         t[f"wina.kl.{c}"] = table
+        t[f"wina.kl_levels.{c}"] = alloc.kl_levels[c]
     return {k: v.contiguous() for k, v in t.items()}
 
 
@@ -52,7 +53,10 @@ def read_gate_tensors(t: dict[str, torch.Tensor], wina_cfg: dict) -> tuple[Calib
                             if f"wina.greedy.{c}.0" in t},
                            {c: t[f"wina.sensitivity.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t},
                            {c: t[f"wina.layer_path.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t},
-                           {c: t[f"wina.kl.{c}"].float() for c in CRITERIA if f"wina.kl.{c}" in t})
+                           {c: t[f"wina.kl.{c}"].float() for c in CRITERIA if f"wina.kl.{c}" in t},
+                           # artifacts of the first kl allocation (exact probe only) stored no levels
+                           {c: t.get(f"wina.kl_levels.{c}", torch.tensor((0.0,) + KL_LEVELS_EXACT)).float()
+                            for c in CRITERIA if f"wina.kl.{c}" in t})
         plan = GatePlan(wina_cfg["criterion"], wina_cfg["mode"], wina_cfg["allocation"], float(wina_cfg["target"]),
                         t["wina.gate.sparsity"].float(), t["wina.gate.threshold"].float(), t["wina.gate.k"])
     except KeyError as e:
