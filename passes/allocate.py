@@ -26,13 +26,13 @@ import torch
 
 from wina_cli.config import kl_criteria
 from wina_cli.gating import (KL_LEVELS_EXACT, KL_LEVELS_FISHER, MAX_TARGET, SENSITIVITY_LEVELS, Allocation, GateSet,
-                             block_sparsity, layer_search, lookup_path)
+                             block_sparsity, layer_search, lookup_path, threshold_gate)
 from wina_cli.models.adapters import PROJECTIONS
 from wina_cli.sparse import CRITERIA
 
 from .base import Pass, PassResult, PipelineState
 from .capture import capture_block_inputs
-from .kl_sensitivity import exact_kl, fisher_check, fisher_kl, threshold_gate
+from .kl_sensitivity import exact_kl, fisher_check, fisher_kl
 
 # the second-order estimate's sum over the check's entries must lie within this factor of the measured KL
 FISHER_CHECK_FACTOR = 3.0

@@ -19,16 +19,11 @@ import contextlib
 
 import torch
 
-from wina_cli.gating import GateSet
+from wina_cli.gating import GateSet, threshold_gate
 from wina_cli.models.adapters import PROJECTIONS
-from wina_cli.sparse import Gate, scores
+from wina_cli.sparse import scores
 
 from .capture import capture_block_inputs
-
-
-def threshold_gate(stats, criterion: str, l: int, p: int, sparsity: float) -> Gate | None:
-    return None if sparsity <= 0 else Gate(criterion, "threshold", stats.threshold(criterion, l, p, sparsity), 0,
-                                           stats.col_norm(l, p) if criterion == "wina" else None)
 
 
 def _log_probs(adapter, h: torch.Tensor) -> torch.Tensor:
@@ -131,14 +126,14 @@ def fisher_kl(adapter, ids: torch.Tensor, stats, criterion: str, levels: torch.T
                 logp = torch.log_softmax(adapter.model(input_ids=ids[n:n + 1], use_cache=False).logits[0].float(),
                                          dim=-1)
                 keys = list(captured)
+                xs = {k: captured[k][0].detach()[0] for k in keys}  # each module's input on this window
                 # which level first drops each input channel at each token: thresholds rise with the level, and
                 # a channel is dropped where its score is <= the threshold
                 first_dropped = {}
                 for (l, path) in keys:
-                    x = captured[(l, path)][0].detach()[0]
                     for p, _ in readers[(l, path)]:
-                        first_dropped[(l, p)] = torch.searchsorted(thr[l, p].contiguous(),
-                                                                   scores(x, criterion, col[(l, p)]).contiguous())
+                        first_dropped[(l, p)] = torch.searchsorted(
+                            thr[l, p].contiguous(), scores(xs[(l, path)], criterion, col[(l, p)]).contiguous())
                 wrt = [captured[k][1] if len(readers[k]) > 1 else captured[k][0] for k in keys]
                 probs = logp.detach().exp()
                 for d in range(draws):
@@ -146,19 +141,18 @@ def fisher_kl(adapter, ids: torch.Tensor, stats, criterion: str, levels: torch.T
                     grads = torch.autograd.grad(logp.gather(-1, y).sum(), wrt, retain_graph=d < draws - 1)
                     for k, g in zip(keys, grads):
                         l, path = k
-                        x = captured[k][0].detach()[0]
                         for p, rows in readers[k]:
                             if rows is None:
                                 u = g[0]
                             else:
                                 w = adapter.module(layers[l], path).weight
                                 u = g[0, :, rows[0]:rows[1]] @ w[rows[0]:rows[1]]
-                            contrib = (u * x).double().flatten()
+                            contrib = (u * xs[k]).double().flatten()
                             hist = torch.zeros(len(levels), dtype=torch.float64)
                             hist.scatter_add_(0, first_dropped[(l, p)].flatten(), contrib)
                             # at level i (1-based in `levels`), the channels first dropped at levels 1..i
                             acc[l, p, 1:] += hist[:-1].cumsum(0) ** 2
-                del logp, probs, wrt, grads
+                del logp, probs, wrt, grads, xs
     finally:
         for h in handles:
             h.remove()

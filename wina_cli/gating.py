@@ -42,6 +42,12 @@ class CalibrationStats:
         return threshold_at(self.quantiles[criterion][layer, p], sparsity)
 
 
+def threshold_gate(stats: CalibrationStats, criterion: str, l: int, p: int, sparsity: float) -> Gate | None:
+    """The calibrated threshold gate of one projection at a sparsity (None: dense)."""
+    return None if sparsity <= 0 else Gate(criterion, "threshold", stats.threshold(criterion, l, p, sparsity), 0,
+                                           stats.col_norm(l, p) if criterion == "wina" else None)
+
+
 def threshold_at(table: torch.Tensor, sparsity: float) -> float:
     pos = min(max(sparsity, 0.0), 1.0) * LEVELS
     lo = min(int(pos), LEVELS - 1)
