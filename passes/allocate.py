@@ -151,12 +151,17 @@ class Allocate(Pass):
             fisher = ar.kl_estimate == "fisher"
             state.gateset.apply(None, state.stats.col_norms, state.stats.in_features)  # both probes start dense
             levels = torch.tensor((0.0,) + (KL_LEVELS_FISHER if fisher else KL_LEVELS_EXACT))
+            # the estimate honours the recipe's first-N-dense policy (those positions are never gated); the exact
+            # probe and --method auto's other policies use the table as it is
+            dense_first = r.sparsity.dense_first if fisher else 0
             info.update(kl_estimate=ar.kl_estimate, kl_tokens=int(kl_ids.numel()),
-                        **({"kl_draws": ar.kl_draws, "kl_check": {}} if fisher else {}))
+                        **({"kl_draws": ar.kl_draws, "kl_dense_first": dense_first, "kl_check": {}} if fisher else {}))
             for c in kl_for:
                 if fisher:
-                    table = fisher_kl(a, kl_ids, state.stats, c, levels, ar.kl_draws, r.seed, state.progress)
-                    info["kl_check"][c] = fisher_check(a, kl_ids, state.gateset, state.stats, c, levels, table)
+                    table = fisher_kl(a, kl_ids, state.stats, c, levels, ar.kl_draws, r.seed, state.progress,
+                                      dense_first)
+                    info["kl_check"][c] = fisher_check(a, kl_ids, state.gateset, state.stats, c, levels, table,
+                                                       dense_first)
                 else:
                     table = exact_kl(a, capture_block_inputs(a, kl_ids), state.gateset, state.stats, c, levels,
                                      progress=state.progress)

@@ -80,10 +80,11 @@ def _frozen_parameters(model):
 
 
 def fisher_kl(adapter, ids: torch.Tensor, stats, criterion: str, levels: torch.Tensor, draws: int, seed: int,
-              progress=lambda m: None) -> torch.Tensor:
+              progress=lambda m: None, dense_first: int = 0) -> torch.Tensor:
     """[L, 7, len(levels)]: the second-order estimate of the per-token KL when only projection p of layer l is
     gated at levels[i] (levels[0] = 0), on the windows `ids` [N, T], from `draws` sampled next-token sequences per
-    window. The model must be dense (no gate set) and is left so."""
+    window. Under a first-N-dense policy (`dense_first`), positions below N are never gated and contribute
+    nothing. The model must be dense (no gate set) and is left so."""
     layers = adapter.layers()
     L, P = len(layers), len(PROJECTIONS)
     for layer in layers:
@@ -147,7 +148,9 @@ def fisher_kl(adapter, ids: torch.Tensor, stats, criterion: str, levels: torch.T
                             else:
                                 w = adapter.module(layers[l], path).weight
                                 u = g[0, :, rows[0]:rows[1]] @ w[rows[0]:rows[1]]
-                            contrib = (u * xs[k]).double().flatten()
+                            contrib = (u * xs[k]).double()
+                            contrib[:dense_first] = 0.0
+                            contrib = contrib.flatten()
                             hist = torch.zeros(len(levels), dtype=torch.float64)
                             hist.scatter_add_(0, first_dropped[(l, p)].flatten(), contrib)
                             # at level i (1-based in `levels`), the channels first dropped at levels 1..i
@@ -161,17 +164,22 @@ def fisher_kl(adapter, ids: torch.Tensor, stats, criterion: str, levels: torch.T
 
 
 def fisher_check(adapter, ids: torch.Tensor, gates: GateSet, stats, criterion: str, levels: torch.Tensor,
-                 table: torch.Tensor) -> dict:
+                 table: torch.Tensor, dense_first: int = 0) -> dict:
     """The estimate against the measured KL for the seven projections of the middle layer at the level nearest
-    0.5, on the same windows (one at a time, so a window's logits are all that is held): the ratio of the sums,
-    which the allocate pass requires to be near 1."""
+    0.5, on the same windows (one at a time, so a window's logits are all that is held) and under the same
+    first-N-dense policy: the ratio of the sums, which the allocate pass requires to be near 1."""
     L = table.shape[0]
     i = int((levels - 0.5).abs().argmin())
     entries = [(L // 2, p, i) for p in range(len(PROJECTIONS))]
     meas = 0.0
-    for n in range(ids.shape[0]):
-        measured = exact_kl(adapter, capture_block_inputs(adapter, ids[n:n + 1]), gates, stats, criterion, levels, entries)
-        meas += float(sum(measured[e] for e in entries)) / ids.shape[0]
+    gates.set_dense_until(dense_first)
+    try:
+        for n in range(ids.shape[0]):
+            measured = exact_kl(adapter, capture_block_inputs(adapter, ids[n:n + 1]), gates, stats, criterion, levels,
+                                entries)
+            meas += float(sum(measured[e] for e in entries)) / ids.shape[0]
+    finally:
+        gates.set_dense_until(0)
     est = float(sum(table[e] for e in entries))
     return {"layer": L // 2, "level": round(float(levels[i]), 4), "estimated": est, "measured": meas,
             "ratio": est / meas if meas > 0 else float("inf")}

@@ -146,7 +146,7 @@ def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tin
 def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text):
     code, stdout, err = run_inproc(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", tmp_path / "o",
                                     *SMALL, "--transform", "none", "--criterion", "teal", "--allocation", "kl",
-                                    "--json"], capsys)
+                                    "--dense-first", "2", "--json"], capsys)
     assert code == 0, err
     r = as_json(stdout)
     assert r["gates"]["allocation"] == "kl"
@@ -156,6 +156,7 @@ def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text):
     # the default second-order estimate, checked against the KL measured for the middle layer's projections
     check = info["kl_check"]["teal"]
     assert info["kl_estimate"] == "fisher" and info["kl_draws"] == 8 and check["measured"] > 0
+    assert info["kl_dense_first"] == 2  # the estimate and its check leave out what the policy computes dense
     assert 1 / 3 <= check["ratio"] <= 3 and check["level"] == 0.5
     code, stdout, err = run_inproc(["bench", tmp_path / "o", "--data", calib_text, "--sparsity", "0.5", "--configs",
                                     "teal/kl,teal/uniform", "--num-samples", "2", "--seq-len", "64", "--json"], capsys)

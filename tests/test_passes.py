@@ -8,7 +8,7 @@ from conftest import make_recipe, run_pipeline, tiny_model, tiny_tokenizer
 from passes.base import Pass, PassResult, Pipeline, PipelineState
 from passes.allocate import Allocate
 from passes.fold_norms import FoldNorms
-from passes.kl_sensitivity import fisher_kl
+from passes.kl_sensitivity import fisher_check, fisher_kl
 from passes.load import LoadCheckpoint
 from passes.rotate import RotateWina
 from wina_cli.errors import PassError, ValidationError
@@ -223,6 +223,24 @@ def test_fisher_estimate_tracks_the_measured_kl(kl_calibrated):
     assert not torch.equal(est, fisher_kl(st.adapter, st.calib_ids[:2, :32], st.stats, "teal", fine, 32, 1))
     assert all(seg.gate is None for segs in st.gateset.segments for seg in segs.values())
     assert [prm.requires_grad for prm in st.model.parameters()] == before  # parameters as they were
+
+
+def test_fisher_estimate_honours_a_dense_first_policy(kl_calibrated):
+    """Positions a first-N-dense policy computes dense add nothing to the estimate, and the allocate pass's check
+    measures under the same policy: the estimate then tracks that measurement, not the every-token one."""
+    st = kl_calibrated
+    ids = st.calib_ids[:2, :32]
+    fine = torch.tensor((0.0,) + KL_LEVELS_FISHER)
+    st.gateset.apply(None, st.stats.col_norms, st.stats.in_features)
+    every = fisher_kl(st.adapter, ids, st.stats, "teal", fine, 32, 0)
+    part = fisher_kl(st.adapter, ids, st.stats, "teal", fine, 32, 0, dense_first=12)
+    assert float(part.sum()) < 0.9 * float(every.sum())
+    assert float(fisher_kl(st.adapter, ids, st.stats, "teal", fine, 4, 0, dense_first=32).abs().max()) == 0.0
+    under = fisher_check(st.adapter, ids, st.gateset, st.stats, "teal", fine, part, dense_first=12)
+    plain = fisher_check(st.adapter, ids, st.gateset, st.stats, "teal", fine, every)
+    assert under["measured"] < 0.9 * plain["measured"]
+    assert 0.75 < under["ratio"] < 1.33, under
+    assert all(m.dense_until == 0 for m in st.gateset.modules)  # the check leaves no policy behind
 
 
 def test_kl_levels_travel_with_the_table_and_old_artifacts_read_as_exact(kl_calibrated):
