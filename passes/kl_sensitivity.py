@@ -135,6 +135,8 @@ def fisher_kl(adapter, ids: torch.Tensor, stats, criterion: str, levels: torch.T
                     for p, _ in readers[(l, path)]:
                         first_dropped[(l, p)] = torch.searchsorted(
                             thr[l, p].contiguous(), scores(xs[(l, path)], criterion, col[(l, p)]).contiguous())
+                        # positions the policy computes dense are dropped at no level: the last bin, never summed
+                        first_dropped[(l, p)][:dense_first] = len(levels) - 1
                 wrt = [captured[k][1] if len(readers[k]) > 1 else captured[k][0] for k in keys]
                 probs = logp.detach().exp()
                 for d in range(draws):
@@ -148,9 +150,7 @@ def fisher_kl(adapter, ids: torch.Tensor, stats, criterion: str, levels: torch.T
                             else:
                                 w = adapter.module(layers[l], path).weight
                                 u = g[0, :, rows[0]:rows[1]] @ w[rows[0]:rows[1]]
-                            contrib = (u * xs[k]).double()
-                            contrib[:dense_first] = 0.0
-                            contrib = contrib.flatten()
+                            contrib = (u * xs[k]).double().flatten()
                             hist = torch.zeros(len(levels), dtype=torch.float64)
                             hist.scatter_add_(0, first_dropped[(l, p)].flatten(), contrib)
                             # at level i (1-based in `levels`), the channels first dropped at levels 1..i
