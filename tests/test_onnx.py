@@ -556,9 +556,18 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
         r = run_sub(["generate", out, "--prompt", "river", "-n", "3", "--provider", "cuda", "--strict"])
         assert r.returncode == 11 and "--strict" in r.stderr
 
-    r = run_sub(["bench", art, "--onnx", out, "--decode-steps", "4", "--warmup", "1", "--no-kernel", "--json"])
+    r = run_sub(["bench", art, "--onnx", out, "--decode-steps", "4", "--warmup", "1", "--no-kernel", "--profile",
+                 "--json"])
     assert r.returncode == 0, r.stderr
     b = as_json(r.stdout)
+    # --profile: each export alone under ONNX Runtime's profiler, its node time per step by kind
+    from wina_cli.models.adapters import PROJECTIONS
+
+    assert set(b["profile"]) == {"dense", "sparse"}
+    for prof in b["profile"].values():
+        assert prof["steps"] == 4 and {*PROJECTIONS, "lm_head", "attention", "other"} == set(prof["kinds_ms"])
+        assert all(v > 0 for v in prof["kinds_ms"].values()) and prof["outside_ms"] >= 0
+        assert sum(prof["kinds_ms"].values()) + prof["outside_ms"] == pytest.approx(prof["run_ms"])
     assert set(b["decode_tokens_per_s"]) == {"dense", "sparse"} and b["decode_tokens_per_s"]["sparse"] > 0
     assert b["kernel"] == [] and 0 < b["realized_sparsity_decode"] < 1
     assert b["prefill_tokens"] == 256 and all(v > 0 for v in b["prefill_ms"].values())
@@ -575,6 +584,7 @@ def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, t
     """--fuse: q/k/v and gate/up as one node each (weights side by side); the speed bench's own dense reference is
     then fused too, and both count the same weight bytes per projection as unfused graphs do."""
     from wina_cli.bench import speed
+    from wina_cli.models.adapters import PROJECTIONS
 
     art = family_artifacts["llama"]
     r = run_sub(["export", art, "--format", "onnx", "--fuse", "-o", tmp_path / "fused", "--json"])
@@ -603,6 +613,15 @@ def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, t
     assert r.returncode == 0, r.stderr
     assert b["weight_bytes_per_token"]["dense"] == speed.bytes_per_token(speed.weight_bytes(tmp_path / "dense"))
     assert speed.weight_bytes(tmp_path / "fused") == speed.weight_bytes(tmp_path / "single")
+    # the profile's kinds: one node per layer for each fused group (or projection), one lm_head, and ONNX
+    # Runtime's attention and two rotary ops per layer
+    from collections import Counter
+
+    for folder, groups in (("fused", ("q+k+v", "gate+up", "o", "down")), ("single", PROJECTIONS)):
+        kinds = Counter(speed.node_kind(n.name, n.op_type) for n in speed.graph_of(tmp_path / folder).graph.node)
+        assert all(kinds[k] == g["num_layers"] for k in groups), kinds
+        assert kinds["lm_head"] == 1 and kinds["attention"] == 3 * g["num_layers"]
+        assert set(kinds) == {*groups, "lm_head", "attention", "other"}
     graph = speed.graph_of(tmp_path / "fused")  # a graph loaded once serves both readers
     assert speed.weight_bytes(graph) == speed.weight_bytes(tmp_path / "fused")
     assert speed.gated_projections(graph) == speed.gated_projections(tmp_path / "fused")

@@ -348,6 +348,9 @@ def bench(
     floor: bool = typer.Option(False, "--floor", help="Speed: also decode, in the same turns, a copy of the sparse "
                                "export with every gate closed, and say where the step's time goes: the floor "
                                "gating cannot lower, and the gated rows' GB/s against the same projections dense."),
+    profile: bool = typer.Option(False, "--profile", help="Speed: also profile each export decoding alone (ONNX "
+                                 "Runtime's profiler, as many steps) and show the time per step of each kind of "
+                                 "node: each projection, lm_head, attention, the rest."),
     sparsity: str = typer.Option("0.25,0.4,0.5,0.65", "--sparsity", help="Targets to sweep."),
     criteria: str = typer.Option("teal,wina", "--criteria"),
     allocations: str = typer.Option("uniform,greedy", "--allocations", help="uniform, greedy, global and/or kl."),
@@ -377,7 +380,7 @@ def bench(
             raise ConfigError("--onnx benchmarks one artifact", "the speed run compares one sparse export with the "
                               "dense export of the same artifact", "pass exactly one artifact")
         return _bench_speed(artifacts[0], onnx, onnx_dense, decode_steps, warmup, prompt, prefill_tokens, kernel,
-                            kernel_working_set, kernel_shapes, threads, json_out, floor)
+                            kernel_working_set, kernel_shapes, threads, json_out, floor, profile)
     if data is None:
         raise ConfigError("nothing to benchmark", "`wina bench` measures quality on --data TEXT, or speed with "
                           "--onnx EXPORT", "pass --data (e.g. assets/kjv.jsonl) or --onnx")
@@ -536,7 +539,7 @@ def _export_dense_reference(artifact: Path, out_dir: Path, graph: dict, tmp) -> 
 
 def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: int, warmup: int, prompt: str,
                  prefill_tokens: int, kernel: bool, kernel_working_set: float, kernel_shapes: str,
-                 threads: Optional[int], json_out: bool, floor: bool = False) -> None:
+                 threads: Optional[int], json_out: bool, floor: bool = False, profile: bool = False) -> None:
     import tempfile
 
     import numpy as np
@@ -582,6 +585,10 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
                  + (f", then prefilling {prefill_tokens} tokens" if prefill_tokens else ""))
         runs = speed.time_decode(exports, ids, steps, warmup, threads=threads, prefill_ids=long_ids)
         floor_run = runs.pop("floor", None)
+        profiles = None
+        if profile:
+            progress(f"profiling the dense and the sparse export, each alone ({steps} steps)")
+            profiles = {k: speed.profile_decode(exports[k], ids, steps, warmup, threads) for k in ("dense", "sparse")}
         # the torch runtime only after the timed runs, so their peak memory is ONNX Runtime's and not torch's
         rt = load_runtime(artifact)
         g = sparse_manifest["gates"]
@@ -628,6 +635,7 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         "kernel_shapes": [list(x) for x in shapes] if kernel else [],
         "kernel": kernel_rows,
         "breakdown": breakdown,
+        "profile": profiles,
     }
     if json_out:
         _emit_json(result)
@@ -656,6 +664,15 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
                   f"{b['dense_bytes'] / 1e9:.3f} GB ({rate(b['dense_gb_per_s'])}); the gated rows read at the dense "
                   f"rate would make the speedup {b['speedup_at_dense_rate']:.2f}x (rows read for free: "
                   f"{b['speedup_free_rows']:.2f}x)")
+    if profiles:
+        pt = Table(title=f"where a decode step's time goes, by kind of node (ONNX Runtime's profiler, each export "
+                         f"alone, {steps} steps; the profiler adds a few us to every node)")
+        for c in ("node", "dense ms/step", "sparse ms/step", "dense / sparse"):
+            pt.add_column(c, justify="left" if c == "node" else "right")
+        for kind, ms in speed.profile_rows(profiles):
+            pt.add_row(kind, f"{ms['dense']:.3f}", f"{ms['sparse']:.3f}",
+                       f"{ms['dense'] / ms['sparse']:.2f}x" if ms["dense"] > 0 and ms["sparse"] > 0 else "-")
+        out.print(pt)
     if prefill_tokens:
         out.print(f"prefill of {prefill_tokens} tokens (exports in turns, median of 3): dense {d.prefill_ms:.1f} ms, "
                   f"sparse {s_.prefill_ms:.1f} ms ({d.prefill_ms / s_.prefill_ms:.2f}x)")

@@ -60,10 +60,11 @@ class SessionInfo:
 
 
 def make_session(model_path: str | Path, provider: str = "cpu", use_native: bool = True, strict: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, profile_prefix: str | None = None):
     """An InferenceSession for the model; registers wina's native kernels when asked and present.
 
-    CUDA asked for where it cannot run falls back to CPU with a note, or fails with `strict`.
+    CUDA asked for where it cannot run falls back to CPU with a note, or fails with `strict`. With
+    `profile_prefix`, ONNX Runtime's profiler records every node's time (`session.end_profiling()` writes it).
     """
     import onnxruntime as ort
 
@@ -75,6 +76,9 @@ def make_session(model_path: str | Path, provider: str = "cpu", use_native: bool
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.log_severity_level = 3  # a CUDA provider that cannot load is reported by wina, not as a wall of log lines
     lib = None
     notes = []
@@ -158,14 +162,14 @@ class OnnxDecoder:
 
     def __init__(self, folder: str | Path, provider: str = "cpu", use_native: bool = True, strict: bool = False,
                  threads: int | None = None, extra_outputs: list[str] | None = None,
-                 shared_cache: bool | None = None):
+                 shared_cache: bool | None = None, profile_prefix: str | None = None):
         folder = Path(folder)
         path = folder / ONNX_MODEL if folder.is_dir() else folder
         if not path.is_file():
             raise ArtifactError(f"'{path}' does not exist", "an ONNX artifact folder holds model.onnx",
                                 "export one with `wina export ARTIFACT --format onnx --output DIR`")
         self.path = path
-        self.session, self.info = make_session(path, provider, use_native, strict, threads)
+        self.session, self.info = make_session(path, provider, use_native, strict, threads, profile_prefix)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         shape = next(i.shape for i in self.session.get_inputs() if i.name == self.past_names[0])

@@ -5,9 +5,12 @@ the same run, warm-up excluded.
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +137,67 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     del state
     gc.collect()
     return out
+
+
+# -- where a decode step's time goes, by kind of node -------------------------------------------------------------
+# The graph builder names a projection's node n_l{layer}_{projection}_{serial}, a fused one n_l{layer}_q+k+v_{serial},
+# and the output head's n_lm_head_{serial} (exporters/onnx/graph.py).
+_PROJECTION_NODE = re.compile(r"^n_l\d+_([a-z+]+)_\d+$")
+ATTENTION_OPS = ("GroupQueryAttention", "RotaryEmbedding")
+
+
+def node_kind(name: str, op_type: str) -> str:
+    """What a node of wina's decoder graph computes: a projection (q ... down, or a fused group such as q+k+v),
+    lm_head, attention (ONNX Runtime's fused attention and rotary ops) or other."""
+    from ..models.adapters import PROJECTIONS  # here, not at import: torch must not load before the timed runs
+
+    m = _PROJECTION_NODE.match(name)
+    if m and all(p in PROJECTIONS for p in m.group(1).split("+")):
+        return m.group(1)
+    if name.startswith("n_lm_head_"):
+        return "lm_head"
+    return "attention" if op_type in ATTENTION_OPS else "other"
+
+
+def profile_decode(folder: str | Path, prompt_ids: np.ndarray, steps: int, warmup: int,
+                   threads: int | None = None) -> dict:
+    """ONNX Runtime's profile of one export decoding alone: after the prompt and `warmup` steps, `steps` greedy
+    steps, and per step the kernel time of each kind of node (`node_kind`), the run's time (`run_ms`) and what of
+    it no node accounts for (`outside_ms`: the executor between nodes). The profiler adds a few us to every node,
+    so these figures compare kinds and exports with each other; the timed runs give the speed."""
+    with tempfile.TemporaryDirectory(prefix="wina-profile-") as d:
+        dec = OnnxDecoder(folder, "cpu", threads=threads, profile_prefix=str(Path(d) / "profile"))
+        logits, cache, mask = dec.prefill(prompt_ids[None, :], capacity=len(prompt_ids) + warmup + steps + 1)
+        tok = int(logits[0, -1].argmax())
+        for _ in range(warmup + steps):
+            logits, cache, mask = dec.step(np.array([tok]), cache, mask)
+            tok = int(logits[0].argmax())
+        events = json.loads(Path(dec.session.end_profiling()).read_text())
+        del dec, cache
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-steps:]
+    start = runs[0]["ts"]
+    kinds: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            k = node_kind(e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", ""))
+            kinds[k] = kinds.get(k, 0.0) + e["dur"]
+    run_us = sum(e["dur"] for e in runs)
+    return {"steps": steps, "run_ms": run_us / steps / 1e3,
+            "outside_ms": (run_us - sum(kinds.values())) / steps / 1e3,
+            "kinds_ms": {k: v / steps / 1e3 for k, v in kinds.items()}}
+
+
+def profile_rows(profiles: dict[str, dict]) -> list[tuple[str, dict[str, float]]]:
+    """(kind, {export: ms per step}) in reading order: the projections, fused groups, lm_head, attention, other,
+    then the executor's time outside the nodes and the whole run."""
+    from ..models.adapters import PROJECTIONS
+
+    kinds = set().union(*(p["kinds_ms"] for p in profiles.values()))
+    order = [*PROJECTIONS, *sorted(k for k in kinds if "+" in k), "lm_head", "attention", "other"]
+    rows = [(k, {e: p["kinds_ms"].get(k, 0.0) for e, p in profiles.items()}) for k in order if k in kinds]
+    rows.append(("outside the nodes", {e: p["outside_ms"] for e, p in profiles.items()}))
+    rows.append(("the whole run", {e: p["run_ms"] for e, p in profiles.items()}))
+    return rows
 
 
 # -- kernel microbenchmark ---------------------------------------------------------------------------------------
