@@ -167,13 +167,9 @@ def profile_decode(folder: str | Path, prompt_ids: np.ndarray, steps: int, warmu
     so these figures compare kinds and exports with each other; the timed runs give the speed."""
     with tempfile.TemporaryDirectory(prefix="wina-profile-") as d:
         dec = OnnxDecoder(folder, "cpu", threads=threads, profile_prefix=str(Path(d) / "profile"))
-        logits, cache, mask = dec.prefill(prompt_ids[None, :], capacity=len(prompt_ids) + warmup + steps + 1)
-        tok = int(logits[0, -1].argmax())
-        for _ in range(warmup + steps):
-            logits, cache, mask = dec.step(np.array([tok]), cache, mask)
-            tok = int(logits[0].argmax())
+        dec.greedy(prompt_ids, warmup + steps + 1)  # the prompt's run, then warmup + steps decode steps
         events = json.loads(Path(dec.session.end_profiling()).read_text())
-        del dec, cache
+        del dec
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-steps:]
     start = runs[0]["ts"]
     kinds: dict[str, float] = {}
