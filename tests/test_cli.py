@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,10 @@ def test_inspect_bench_generate_env(built, eval_text):
     assert p.returncode == 0, p.stderr
     assert as_json(p.stdout)["new_tokens"] >= 1
     p = run_sub(["env", "--json"])
-    assert p.returncode == 0 and "CPUExecutionProvider" in as_json(p.stdout)["onnxruntime_providers"]
+    e = as_json(p.stdout)
+    assert p.returncode == 0 and "CPUExecutionProvider" in e["onnxruntime_providers"]
+    # every installed dependency's version is reported, those without __version__ (gguf) included
+    assert all(re.match(r"\d+\.\d+", e[m]) for m in ("transformers", "safetensors", "onnx", "onnxruntime", "gguf")), e
 
 
 def test_bench_budgets_policies_and_global_allocation(built, eval_text):

@@ -225,6 +225,37 @@ def family_artifacts(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("dense_first", [0, 3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_generation_with_a_kv_cache_matches_the_whole_sequence(family, dense_first, family_artifacts):
+    """`wina generate`'s torch loop (prefill, then one cached step per token, the gates and the gate policy in
+    force) gives the logits a cache-free forward of the whole sequence gives at the same positions."""
+    import torch
+
+    from wina_cli.runtime import load_runtime
+    from wina_cli.sampling import TokenPicker
+
+    rt = load_runtime(family_artifacts[family])
+    assert rt.plan is not None
+    rt.artifact.config.setdefault("wina", {})["dense_first"] = dense_first
+    seen = []
+    greedy = TokenPicker()
+
+    def pick(z):
+        seen.append(np.array(z, np.float32))
+        return greedy(z)
+
+    prompt = [3, 5, 7, 11, 13]
+    new = rt.generate(prompt, 6, pick)
+    assert len(new) == 6 and len(seen) == 6
+    rt.gateset.set_dense_until(dense_first)
+    with torch.no_grad():
+        full = rt.model(input_ids=torch.tensor([prompt + new[:-1]]), use_cache=False).logits[0].float().numpy()
+    ref = full[len(prompt) - 1:]
+    assert np.abs(np.stack(seen) - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert new == [int(r.argmax()) for r in ref]
+
+
 @pytest.mark.parametrize("attention", ["fused", "plain"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graph_of_every_family_validates(family, attention, family_artifacts, tmp_path):
@@ -546,6 +577,14 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     assert r.returncode == 0, r.stderr
     g = as_json(r.stdout)
     assert g["runtime"] == "onnx" and g["new_tokens"] >= 1 and g["native_library"]
+
+    # sampling: the seed decides the text; a tokenizer without a chat template cannot take --chat
+    sampled = [as_json(run_sub(["generate", out, "-p", "river stone", "-n", "12", "-t", "1.5", "--top-p", "0.95",
+                                "--seed", str(s), "--json"]).stdout) for s in (4, 4, 5)]
+    assert sampled[0]["completion"] == sampled[1]["completion"] != sampled[2]["completion"]
+    assert sampled[0]["sampling"] == {"greedy": False, "temperature": 1.5, "top_k": 0, "top_p": 0.95, "seed": 4}
+    r = run_sub(["generate", out, "-p", "river stone", "--chat"])
+    assert r.returncode == 3 and "no chat template" in " ".join(r.stderr.split())
 
     r = run_sub(["generate", out, "--prompt", "river stone", "-n", "3", "--provider", "cuda"])
     assert r.returncode == 0, r.stderr

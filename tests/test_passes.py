@@ -17,6 +17,7 @@ from wina_cli.gating import (KL_LEVELS_EXACT, KL_LEVELS_FISHER, MAX_TARGET, SENS
                              lookup_path, plan_gates, threshold_at)
 from wina_cli.perplexity import max_sparsity_within
 from wina_cli.models.adapters import PROJECTIONS
+from wina_cli.runtime import cache_argument
 
 
 def _state(model_type="llama"):
@@ -376,12 +377,11 @@ def test_dense_prefix_policy_keeps_the_first_positions_exact(calibrated):
         gs.set_dense_until(10)
         policy = model(input_ids=ids, use_cache=False).logits
         # Decoding with a KV cache: positions are counted from the start of the sequence, cache included.
+        key = cache_argument(model)
         out = model(input_ids=ids[:, :6], use_cache=True)
         step = [out.logits]
-        past = out.past_key_values
         for i in range(6, 24):
-            out = model(input_ids=ids[:, i:i + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids[:, i:i + 1], use_cache=True, **{key: getattr(out, key)})
             step.append(out.logits)
         stepped = torch.cat(step, dim=1)
         gs.set_dense_until(0)

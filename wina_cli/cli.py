@@ -821,6 +821,13 @@ def generate(
     artifact: Path = typer.Argument(..., help="A safetensors artifact (torch runtime) or an ONNX export folder."),
     prompt: str = typer.Option(..., "--prompt", "-p"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user message in the model's chat template "
+                              "and print the reply only."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0, sample."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample among the most likely tokens whose probabilities "
+                                "add up to p."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same text."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Override the artifact's target (torch)."),
     dense: bool = typer.Option(False, "--dense", help="Run without gates (torch)."),
     provider: Optional[str] = typer.Option(None, "--provider", help="ONNX: cpu (default) or cuda."),
@@ -828,71 +835,91 @@ def generate(
     use_native: bool = typer.Option(True, "--native/--no-native", help="ONNX: register wina's native kernels."),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Greedy generation: with the torch runtime and the artifact's gates, or with ONNX Runtime and the exported
-    graph's KV cache."""
+    """Generate text with a KV cache: with the torch runtime and the artifact's gates, or with ONNX Runtime and the
+    exported graph. Greedy unless --temperature is above 0; the text streams to stdout as it is produced."""
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} is not positive", "generation adds at least one token",
                           "pass e.g. -n 32")
     from .onnx_runtime import ONNX_MANIFEST
+    from .sampling import Sampling, TokenPicker
 
+    sampling = Sampling(temperature, top_k, top_p, seed).check()
     if (artifact / ONNX_MANIFEST).is_file():
         if sparsity is not None or dense:
             raise ConfigError("--sparsity and --dense do not apply to an ONNX export",
                               "its gates are fixed in the graph", "export another graph with `wina export "
                               "--format onnx --sparsity S` (or --dense)")
-        return _generate_onnx(artifact, prompt, max_new_tokens, provider or "cpu", strict, use_native, json_out)
-    if provider is not None or strict:
-        raise ConfigError("--provider and --strict apply to ONNX exports only",
-                          f"'{artifact}' is not an ONNX export folder (no {ONNX_MANIFEST}); the torch runtime runs "
-                          "on the CPU", "export it with `wina export --format onnx`, or drop the option")
-    import torch
+        import numpy as np
+        from transformers import AutoTokenizer
 
-    from .runtime import load_runtime
+        from .onnx_runtime import OnnxDecoder, read_onnx_manifest, warn
 
-    rt = load_runtime(artifact)
-    if dense:
-        rt.dense()
-    elif sparsity is not None:
-        p = rt.default_plan
-        rt.use_plan(rt.plan_for(p.criterion, p.mode, p.allocation, sparsity))
-    ids = rt.tokenizer(prompt, return_tensors="pt").input_ids
-    if rt.plan is not None:
-        rt.gateset.set_dense_until(rt.dense_until_policy(ids.shape[1]))
+        gates = read_onnx_manifest(artifact).get("gates")
+        dec = OnnxDecoder(artifact, provider or "cpu", use_native=use_native, strict=strict)
+        warn(dec.info.notes)
+        tok = AutoTokenizer.from_pretrained(str(artifact), local_files_only=True)
+        run = lambda ids, *a: dec.generate(np.asarray(ids, dtype=np.int64), *a)  # noqa: E731
+        facts = {"runtime": "onnx", "providers": dec.info.providers, "native_library": dec.info.native_library}
+    else:
+        if provider is not None or strict:
+            raise ConfigError("--provider and --strict apply to ONNX exports only",
+                              f"'{artifact}' is not an ONNX export folder (no {ONNX_MANIFEST}); the torch runtime "
+                              "runs on the CPU", "export it with `wina export --format onnx`, or drop the option")
+        from .runtime import load_runtime
+
+        rt = load_runtime(artifact)
+        if dense:
+            rt.dense()
+        elif sparsity is not None:
+            p = rt.default_plan
+            rt.use_plan(rt.plan_for(p.criterion, p.mode, p.allocation, sparsity))
+        tok, run = rt.tokenizer, rt.generate
+        gates = None if rt.plan is None else rt.plan.describe()
+        facts = {"runtime": "torch"}
+    ids = _prompt_ids(tok, prompt, chat, artifact)
+    stream = None if json_out else _TextStream(tok, "" if chat else prompt)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        gen = rt.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=rt.tokenizer.eos_token_id)
-    secs = time.perf_counter() - t0
-    text = rt.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    if json_out:
-        _emit_json({"prompt": prompt, "completion": text, "new_tokens": int(gen.shape[1] - ids.shape[1]),
-                    "seconds": secs, "runtime": "torch", "gates": None if rt.plan is None else rt.plan.describe()})
-        return
-    out.print(prompt + text)
-
-
-def _generate_onnx(folder: Path, prompt: str, max_new_tokens: int, provider: str, strict: bool, use_native: bool,
-                   json_out: bool) -> None:
-    import numpy as np
-    from transformers import AutoTokenizer
-
-    from .onnx_runtime import OnnxDecoder, read_onnx_manifest, warn
-
-    manifest = read_onnx_manifest(folder)
-    dec = OnnxDecoder(folder, provider, use_native=use_native, strict=strict)
-    warn(dec.info.notes)
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    ids = np.asarray(tok(prompt).input_ids, dtype=np.int64)
-    t0 = time.perf_counter()
-    new = dec.greedy(ids, max_new_tokens, eos=tok.eos_token_id)
+    new = run(ids, max_new_tokens, TokenPicker(sampling), tok.eos_token_id, stream)
     secs = time.perf_counter() - t0
     text = tok.decode(new, skip_special_tokens=True)
     if json_out:
-        _emit_json({"prompt": prompt, "completion": text, "new_tokens": len(new), "seconds": secs, "runtime": "onnx",
-                    "providers": dec.info.providers, "native_library": dec.info.native_library,
-                    "gates": manifest.get("gates")})
+        _emit_json({"prompt": prompt, "chat": chat, "prompt_tokens": len(ids), "completion": text,
+                    "new_tokens": len(new), "seconds": secs, "sampling": sampling.describe(), "gates": gates,
+                    **facts})
         return
-    out.print(prompt + text)
+    stream.finish(text)
+
+
+def _prompt_ids(tok, prompt: str, chat: bool, artifact: Path) -> list[int]:
+    if not chat:
+        return list(tok(prompt).input_ids)
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"'{artifact}' has no chat template", "--chat formats the prompt with the tokenizer's "
+                          "chat template (chat_template.jinja or tokenizer_config.json), and this model has none",
+                          "drop --chat, or add the model's template to its tokenizer files and re-export")
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=False).input_ids)
+
+
+class _TextStream:
+    """Writes the completion to stdout as tokens arrive (raw text: generated brackets are not rich markup). A
+    token that ends inside a multi-byte character decodes to U+FFFD; its text waits for the next token."""
+
+    def __init__(self, tok, prefix: str):
+        self.tok, self.shown = tok, 0
+        sys.stdout.write(prefix)
+        sys.stdout.flush()
+
+    def __call__(self, new: list[int]) -> None:
+        text = self.tok.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > self.shown:
+            sys.stdout.write(text[self.shown:])
+            sys.stdout.flush()
+            self.shown = len(text)
+
+    def finish(self, text: str) -> None:
+        sys.stdout.write(text[self.shown:] + "\n")
+        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -913,9 +940,10 @@ def env(json_out: bool = typer.Option(False, "--json")):
     for mod in ("transformers", "safetensors", "onnx", "onnxruntime", "gguf", "accelerate"):
         try:
             m = __import__(mod)
-            info[mod] = getattr(m, "__version__", "?")
         except ImportError:
             info[mod] = None
+            continue
+        info[mod] = getattr(m, "__version__", None) or _distribution_version(mod)
     try:
         import onnxruntime as ort
 
@@ -936,6 +964,16 @@ def env(json_out: bool = typer.Option(False, "--json")):
     for k, v in info.items():
         t.add_row(k, str(v))
     out.print(t)
+
+
+def _distribution_version(module: str) -> str:
+    # a module without __version__ (gguf): the installed distribution's own record
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _native_status() -> dict:

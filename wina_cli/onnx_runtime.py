@@ -252,18 +252,24 @@ class OnnxDecoder:
         logits, cache = self.run(tokens.reshape(b, 1), mask, pos, cache)
         return logits[:, -1], cache, mask
 
-    def greedy(self, ids: np.ndarray, max_new_tokens: int, eos: int | None = None) -> list[int]:
+    def generate(self, ids: np.ndarray, max_new_tokens: int, pick=None, eos: int | None = None,
+                 on_token=None) -> list[int]:
+        """Batch-1 generation: the prompt `ids` [seq] (or [1, seq]) in one run, then one step per token; `pick`
+        maps a step's logits to the next token (default greedy; see `sampling.TokenPicker`)."""
+        from .sampling import decode_tokens
+
         ids = ids[None, :] if ids.ndim == 1 else ids
         logits, cache, mask = self.prefill(ids, capacity=ids.shape[1] + max_new_tokens)
-        tok = int(logits[0, -1].argmax())
-        out = [tok]
-        for _ in range(max_new_tokens - 1):
-            if eos is not None and tok == eos:
-                break
-            logits, cache, mask = self.step(np.array([tok]), cache, mask)
-            tok = int(logits[0].argmax())
-            out.append(tok)
-        return out
+        state = [cache, mask]
+
+        def step(tok: int):
+            logits, state[0], state[1] = self.step(np.array([tok]), state[0], state[1])
+            return logits[0]
+
+        return decode_tokens(logits[0, -1], step, max_new_tokens, pick or (lambda z: int(z.argmax())), eos, on_token)
+
+    def greedy(self, ids: np.ndarray, max_new_tokens: int, eos: int | None = None) -> list[int]:
+        return self.generate(ids, max_new_tokens, eos=eos)
 
 
 def describe_gates(gates: dict) -> str:

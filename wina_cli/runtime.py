@@ -120,6 +120,35 @@ class Runtime:
     def policy_text(self) -> str:
         return policy_text(self.artifact.wina if self.artifact is not None else {})
 
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new_tokens: int, pick, eos: int | None = None, on_token=None) -> list[int]:
+        """Batch-1 generation with a KV cache and the gates in force (and the artifact's gate policy): `pick` maps a
+        step's logits to the next token (`sampling.TokenPicker`). Returns the new tokens."""
+        from .sampling import decode_tokens
+
+        prompt = torch.as_tensor(ids, dtype=torch.int64)[None]
+        if self.plan is not None:
+            self.gateset.set_dense_until(self.dense_until_policy(prompt.shape[1]))
+        key = cache_argument(self.model)
+        first = self.model(input_ids=prompt, use_cache=True)
+        cache = getattr(first, key)
+
+        def step(tok: int):
+            nonlocal cache
+            o = self.model(input_ids=torch.tensor([[tok]]), use_cache=True, **{key: cache})
+            cache = getattr(o, key)
+            return o.logits[0, -1].float().numpy()
+
+        return decode_tokens(first.logits[0, -1].float().numpy(), step, max_new_tokens, pick, eos, on_token)
+
+
+def cache_argument(model) -> str:
+    """The name a model's forward takes its KV cache by, and returns it under: transformers 5.x before 5.24 says
+    past_key_values, later releases cache (the old name warns, and goes in 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
 
 def load_runtime(path: str | Path, dtype: str | None = None, verify: bool = True, partial: bool = False) -> Runtime:
     from safetensors.torch import load_file
