@@ -3,6 +3,7 @@ against the torch runtime, the fallback without the native library, failing vali
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from clihelp import as_json, run_inproc, run_sub
+from clihelp import ROOT, as_json, run_inproc, run_sub
 from conftest import FAMILIES, make_text, save_tiny
 
 from wina_cli import native, onnx_ops
@@ -555,6 +556,27 @@ def test_a_graph_ignoring_the_policy_fails_validation(policy_artifacts, tmp_path
     code, _, err = run_inproc(["export", policy_artifacts["first"], "--format", "onnx", "-o", out], capsys)
     assert code == 9, err
     assert "drifts from the torch runtime" in " ".join(err.split()) and not out.exists()
+
+
+def test_the_readmes_code_runs_an_export(family_artifacts, tmp_path, monkeypatch):
+    """The README's two snippets for running an export from one's own code work as printed (on a tiny export), and
+    the one with ONNX Runtime alone decodes the tokens wina's decoder does."""
+    from exporters.onnx.export import export_onnx
+    from wina_cli.onnx_runtime import OnnxDecoder
+
+    out = tmp_path / "onnx"
+    export_onnx(str(family_artifacts["llama"]), str(out))
+    section = (ROOT / "README.md").read_text().split("### Running an export from your own code")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2 and all('"artifacts/smollm2-135m-wina-onnx"' in b for b in blocks)
+    monkeypatch.chdir(ROOT)  # the second snippet finds the native library where `make setup` builds it
+    done = []
+    for code in blocks:
+        scope: dict = {}
+        exec(code.replace('"artifacts/smollm2-135m-wina-onnx"', repr(str(out))), scope)  # noqa: S102
+        done.append(scope)
+    assert 1 <= len(done[0]["new"]) <= 24
+    assert done[1]["out"] == OnnxDecoder(out).greedy(np.array([1, 2, 3, 4]), 8)
 
 
 # -- the command line --------------------------------------------------------------------------------------------
