@@ -53,9 +53,9 @@ demo: setup
 	$(BIN)/wina inspect artifacts/smollm2-135m-wina
 	$(BIN)/wina bench artifacts/smollm2-135m-wina --data $(ASSETS)/kjv.jsonl --num-samples 8
 	$(BIN)/wina generate artifacts/smollm2-135m-wina --prompt "The capital of France is" --max-new-tokens 24
-	$(BIN)/wina export artifacts/smollm2-135m-wina --format onnx -o artifacts/smollm2-135m-wina-onnx --overwrite
 	$(BIN)/wina generate artifacts/smollm2-135m-wina-onnx --chat --prompt "What is the capital of France?" --max-new-tokens 24
-	$(BIN)/wina bench artifacts/smollm2-135m-wina --onnx artifacts/smollm2-135m-wina-onnx
+	$(BIN)/wina bench artifacts/smollm2-135m-wina --onnx artifacts/smollm2-135m-wina-onnx \
+	    --onnx-dense artifacts/smollm2-135m-wina-onnx-dense
 
 clean:
 	rm -rf $(VENV) $(ASSETS) artifacts build $(NATIVE) $(NATIVE_CUDA)

@@ -409,3 +409,23 @@ def test_killed_mid_write_leaves_no_artifact(tmp_path, tiny_llama_dir, calib_tex
     p = run_sub(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", out, *SMALL])
     assert p.returncode == 0, p.stderr
     assert (out / "wina.json").exists() and not list(tmp_path.glob(".killed.partial-*"))
+
+
+def test_calibrate_also_writes_the_onnx_exports(tiny_llama_dir, calib_text, tmp_path, capsys):
+    art, sparse, dense = tmp_path / "art", tmp_path / "onnx", tmp_path / "onnx-dense"
+    args = ["calibrate", "--model", tiny_llama_dir, "--data", calib_text, *SMALL, "--transform", "none",
+            "--criterion", "teal", "--allocation", "uniform", "-o", art]
+    code, stdout, err = run_inproc([*args, "--onnx", sparse, "--onnx-dense", dense, "--json"], capsys)
+    assert code == 0, err
+    ex = as_json(stdout)["exports"]
+    assert ex["onnx"]["output"] == str(sparse) and ex["onnx"]["graph"]["gated_ops"] > 0
+    assert ex["onnx_dense"]["graph"]["gated_ops"] == 0 and ex["onnx_dense"]["graph"]["dense_matmuls"] > 0
+    for folder in (sparse, dense):
+        m = json.loads((folder / "wina_onnx.json").read_text())
+        assert m["source_artifact"]["path"] == str(art.resolve()) and (folder / "model.onnx").is_file()
+        assert all(r["greedy_mismatches"] == 0 for r in m["validation"]["runs"].values())
+    recipe = (art / "recipe.yaml").read_text()
+    assert "onnx: ''" in recipe and str(sparse) not in recipe  # where it was written is not part of the recipe
+    # an export folder that exists stops the run before any work, without --overwrite
+    code, _, err = run_inproc([*args[:-1], tmp_path / "art2", "--onnx", sparse], capsys)
+    assert code == 7 and "exists" in err and not (tmp_path / "art2").exists()

@@ -101,3 +101,20 @@ def test_quality_keys_are_checked(tmp_path):
         with pytest.raises(ConfigError) as e:
             validate(load_recipe(write(tmp_path, "model: m\ndata:\n  path: d\n" + bad)))
         assert needle in e.value.message, (bad, e.value.message)
+
+
+def test_export_section_is_checked(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, "model: m\nexport:\n  onxx: out\n"))
+    assert "`export.onxx`" in e.value.message and "onnx_dense" in e.value.message
+    r = load_recipe(write(tmp_path, "model: m\ndata:\n  path: d\noutput: a\nexport:\n  onnx: b\n  dtype: float16\n"))
+    assert validate(r).export.onnx == "b"
+    for bad, words in (({"dtype": "bfloat16"}, "export.dtype"), ({"attention": "flash"}, "export.attention"),
+                       ({"onnx": "a"}, "same folder"), ({"onnx": "b", "onnx_dense": "./b"}, "same folder")):
+        r = Recipe(model="m", output="a")
+        r.data.path = "d"
+        for k, v in bad.items():
+            setattr(r.export, k, v)
+        with pytest.raises(ConfigError) as e:
+            validate(r)
+        assert words in e.value.message, e.value.message

@@ -92,10 +92,15 @@ def calibrate(
                                                        "same gate target (half the measurements)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    onnx: Optional[str] = typer.Option(None, "--onnx", help="Also write the artifact's ONNX export here "
+                                       "(validated as `wina export --format onnx` validates)."),
+    onnx_dense: Optional[str] = typer.Option(None, "--onnx-dense", help="Also write a dense ONNX export here, "
+                                             "the baseline `wina bench --onnx-dense` compares with."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ):
-    """Load a checkpoint, transform it, calibrate gates on sample text, and write a safetensors artifact."""
+    """Load a checkpoint, transform it, calibrate gates on sample text, and write a safetensors artifact (and,
+    with --onnx / --onnx-dense or `export:` in the config, its ONNX exports)."""
     from .config import load_recipe, set_path, validate
 
     recipe = load_recipe(str(config) if config else None)
@@ -105,7 +110,8 @@ def calibrate(
                  "method": method, "auto.transforms": auto_transforms, "auto.dense_first": auto_dense_first,
                  "auto.match_realized": auto_match_realized, "allocation.kl_criteria": kl_criteria,
                  "allocation.kl_estimate": kl_estimate,
-                 "output": output, "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
+                 "output": output, "export.onnx": onnx, "export.onnx_dense": onnx_dense,
+                 "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
                                                                                                 "--max-ppl-increase")}
     for key, value in overrides.items():
@@ -117,7 +123,9 @@ def calibrate(
                           "pass --output or set `output:` in the config")
     from .artifact import check_output
 
-    check_output(recipe.output, overwrite)  # fail before the expensive part
+    for folder in (recipe.output, recipe.export.onnx, recipe.export.onnx_dense):
+        if folder:
+            check_output(folder, overwrite)  # fail before the expensive part
 
     import torch
 
@@ -130,7 +138,8 @@ def calibrate(
     t0 = time.perf_counter()
     state, report = run_calibration(recipe, progress)
     saved = recipe.to_dict()
-    saved["output"] = ""
+    # where this run wrote is not part of what it built: the saved recipe rebuilds the same bytes anywhere
+    saved["output"] = saved["export"]["onnx"] = saved["export"]["onnx_dense"] = ""
     import yaml
 
     recipe_yaml = yaml.safe_dump(saved, sort_keys=False)
@@ -144,18 +153,31 @@ def calibrate(
     }
     wina_block = {"format_version": 1, "transform": state.transform, **state.gates.describe(),
                   "dense_prompt": recipe.sparsity.dense_prompt, "dense_first": dense_first_policy(state)}
+    report_validation, gates = dict(state.validation), state.gates.describe()
     validation = write_artifact(recipe.output, overwrite=overwrite, model=state.model, tokenizer=state.tokenizer,
                                 stats=state.stats, allocation=state.allocation, plan=state.gates,
                                 dtype=recipe.dtype, wina_block=wina_block, manifest=manifest,
                                 recipe_yaml=recipe_yaml, reference_gateset=state.gateset, seed=recipe.seed,
                                 log=progress)
+    exports = {}
+    if recipe.export.onnx or recipe.export.onnx_dense:
+        from exporters.onnx.export import export_onnx
+
+        del state  # our hold on the calibration's model copy: the exporter loads the written artifact instead
+        for key, dense in (("onnx", False), ("onnx_dense", True)):
+            folder = getattr(recipe.export, key)
+            if folder:
+                progress(f"exporting {'a dense' if dense else 'the sparse'} ONNX graph to {folder}")
+                exports[key] = export_onnx(recipe.output, folder, weight_dtype=recipe.export.dtype, dense=dense,
+                                           overwrite=overwrite, attention=recipe.export.attention,
+                                           fuse=recipe.export.fuse, log=progress)
     seconds = time.perf_counter() - t0
     from .memory import peak_rss_mb
 
     peak = peak_rss_mb()
     result = {"output": recipe.output, "seconds": round(seconds, 1), "peak_rss_mb": peak,
-              "passes": report.passes, "validation": {**state.validation, "export": validation},
-              "gates": state.gates.describe()}
+              "passes": report.passes, "validation": {**report_validation, "export": validation},
+              "gates": gates, "exports": {k: {"output": getattr(recipe.export, k), **m} for k, m in exports.items()}}
     if json_out:
         _emit_json(result)
         return
@@ -165,20 +187,23 @@ def calibrate(
     for p in report.passes:
         t.add_row(p["name"], "yes" if p["changed"] else "no", f"{p['seconds']:.1f}", f"{p['peak_rss_mb']:.0f}")
     out.print(t)
-    if "transform" in state.validation:
-        v = state.validation["transform"]
+    if "transform" in report_validation:
+        v = report_validation["transform"]
         out.print(f"transform check: max |delta logits| = {v['max_abs_delta']:.3g} "
                   f"({v['max_rel_delta']:.2g} relative), top-1 agreement {v['top1_agreement']:.3f}")
-    if "auto" in state.validation:
-        out.print(f"method auto: {state.validation['auto']['reason']}")
-    if "ppl_budget" in state.validation:
-        b = state.validation["ppl_budget"]
+    if "auto" in report_validation:
+        out.print(f"method auto: {report_validation['auto']['reason']}")
+    if "ppl_budget" in report_validation:
+        b = report_validation["ppl_budget"]
         out.print(f"perplexity budget +{b['max_ppl_increase'] * 100:g}%: highest target {b['target']:.3f} "
                   f"(calibration perplexity {b['ppl']:.3f} vs dense {b['dense_ppl']:.3f}, "
                   f"{b['ppl_increase'] * 100:+.2f}%, on {b['tokens']} tokens, {len(b['evaluations'])} evaluations"
                   f"{', those of method auto' if b.get('reused_from_select') else ''})")
     out.print(f"export check: dense max |delta| = {validation['dense']['max_abs_delta']:.3g}, "
               f"sparse max |delta| = {validation['sparse']['max_abs_delta']:.3g}")
+    for key, manifest in exports.items():
+        out.print(f"ONNX export {getattr(recipe.export, key)}:")
+        _print_onnx_report(manifest)
     out.print(f"done in {seconds:.1f} s, peak memory {peak:.0f} MB")
 
 
@@ -245,8 +270,6 @@ def export(
                               "pass --dtype float32 or --dtype float16")
         from exporters.onnx.export import export_onnx
 
-        from .onnx_runtime import describe_gates
-
         manifest = export_onnx(str(artifact), output, weight_dtype=dtype, sparsity=sparsity, criterion=criterion,
                                allocation=allocation, dense=dense,
                                overwrite=overwrite, decode_steps=decode_steps, attention=attention, fuse=fuse,
@@ -254,24 +277,7 @@ def export(
         if json_out:
             _emit_json({"output": output, "format": format, "dtype": dtype, **manifest})
             return
-        g = manifest["graph"]
-        out.print(f"graph: {g['gated_ops']} gated projections, {g['dense_matmuls']} dense projections"
-                  + (f" ({g['fused_ops']} fused nodes)" if g["fused_ops"] else "")
-                  + f", {g['attention']} attention, opset {g['opset']['']}, {g['weight_dtype']} weights; gates "
-                  f"{describe_gates(manifest['gates'])}")
-        v = manifest["validation"]
-        for label, r in v["runs"].items():
-            how = "replaying its gate decisions" if "free_running" in r else "free running"
-            out.print(f"{label} ({how}): max |delta logits| = {r['max_abs_delta']:.3g} ({r['max_rel_delta']:.2g} "
-                      f"relative, limit {v['tolerance_rel']}), greedy tokens differing: {r['greedy_mismatches']} of "
-                      f"{r['greedy_positions']} (prefill + {v['decode_steps']} decode steps)")
-            if "free_running" in r:
-                f = r["free_running"]
-                out.print(f"  free running, for information: max |delta logits| = {f['max_abs_delta']:.3g}; greedy "
-                          f"tokens: {f['greedy_mismatches']} of {f['greedy_positions']} differ where decisive, "
-                          f"{f['greedy_ties_skipped']} more differ within that delta")
-        if "note" in v:
-            out.print(f"note: {v['note']}")
+        _print_onnx_report(manifest)
         out.print(f"wrote {output}")
         return
     if sparsity is not None or dense or criterion or allocation:
@@ -888,6 +894,29 @@ def generate(
                     **facts})
         return
     stream.finish(text)
+
+
+def _print_onnx_report(manifest: dict) -> None:
+    from .onnx_runtime import describe_gates
+
+    g = manifest["graph"]
+    out.print(f"graph: {g['gated_ops']} gated projections, {g['dense_matmuls']} dense projections"
+              + (f" ({g['fused_ops']} fused nodes)" if g["fused_ops"] else "")
+              + f", {g['attention']} attention, opset {g['opset']['']}, {g['weight_dtype']} weights; gates "
+              f"{describe_gates(manifest['gates'])}")
+    v = manifest["validation"]
+    for label, r in v["runs"].items():
+        how = "replaying its gate decisions" if "free_running" in r else "free running"
+        out.print(f"{label} ({how}): max |delta logits| = {r['max_abs_delta']:.3g} ({r['max_rel_delta']:.2g} "
+                  f"relative, limit {v['tolerance_rel']}), greedy tokens differing: {r['greedy_mismatches']} of "
+                  f"{r['greedy_positions']} (prefill + {v['decode_steps']} decode steps)")
+        if "free_running" in r:
+            f = r["free_running"]
+            out.print(f"  free running, for information: max |delta logits| = {f['max_abs_delta']:.3g}; greedy "
+                      f"tokens: {f['greedy_mismatches']} of {f['greedy_positions']} differ where decisive, "
+                      f"{f['greedy_ties_skipped']} more differ within that delta")
+    if "note" in v:
+        out.print(f"note: {v['note']}")
 
 
 def _prompt_ids(tok, prompt: str, chat: bool, artifact: Path) -> list[int]:

@@ -79,6 +79,18 @@ class AutoSection:
 
 
 @dataclass
+class ExportSection:
+    """ONNX exports `wina calibrate` writes from the finished artifact, each validated as `wina export` validates
+    (a failed validation fails the run; the artifact stays, complete and checked)."""
+
+    onnx: str = ""  # folder of the sparse ONNX export, the artifact's gates ("" = none)
+    onnx_dense: str = ""  # folder of a dense ONNX export of the same model, the speed baseline ("" = none)
+    dtype: str = "float32"  # the graphs' weights: float32 | float16
+    attention: str = "fused"  # fused (ONNX Runtime's contrib ops) | plain (standard ops only)
+    fuse: bool = False  # the projections that read one input as one node
+
+
+@dataclass
 class Recipe:
     model: str = ""
     data: DataSection = field(default_factory=DataSection)
@@ -91,6 +103,7 @@ class Recipe:
     seed: int = 0
     dtype: str = "float32"
     output: str = ""
+    export: ExportSection = field(default_factory=ExportSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,6 +120,8 @@ CHOICES = {
     "allocation.kl_estimate": ("fisher", "exact"),
     "dtype": ("float32", "float16", "bfloat16"),
     "method": ("manual", "auto"),
+    "export.dtype": ("float32", "float16"),
+    "export.attention": ("fused", "plain"),
 }
 
 
@@ -203,6 +218,13 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
     if not recipe.model:
         raise ConfigError("no model given", "calibration needs a checkpoint",
                           "pass --model or set `model:` in the config")
+    folders = {k: v for k, v in (("output", recipe.output), ("export.onnx", recipe.export.onnx),
+                                 ("export.onnx_dense", recipe.export.onnx_dense)) if v}
+    for a, b in ((a, b) for i, a in enumerate(folders) for b in list(folders)[i + 1:]):
+        if Path(folders[a]).resolve() == Path(folders[b]).resolve():
+            raise ConfigError(f"`{a}` and `{b}` are the same folder ({folders[a]})",
+                              "the artifact and each ONNX export are folders of their own",
+                              f"give `{b}` another path")
     if need_data and not recipe.data.path:
         raise ConfigError("no calibration data given", "thresholds are calibrated on sample text",
                           "pass --data or set `data.path` in the config")
