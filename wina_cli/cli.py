@@ -163,7 +163,12 @@ def calibrate(
     if recipe.export.onnx or recipe.export.onnx_dense:
         from exporters.onnx.export import export_onnx
 
-        del state  # our hold on the calibration's model copy: the exporter loads the written artifact instead
+        import gc
+
+        # The exporter loads the written artifact: free the calibration's model first (its gates and hooks hold
+        # it in reference cycles, which only the collector breaks).
+        del state
+        gc.collect()
         for key, dense in (("onnx", False), ("onnx_dense", True)):
             folder = getattr(recipe.export, key)
             if folder:
