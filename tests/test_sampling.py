@@ -1,5 +1,7 @@
 """Token picking for generation (greedy, temperature, top-k, top-p, seeds), the generation loop, and the chat
 prompt. The loop against the runtimes is tested in test_onnx.py, beside the family artifacts."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -82,7 +84,7 @@ def test_the_loop_stops_at_the_limit_or_after_the_end_token():
 def test_chat_prompts_use_the_template_or_fail_clearly(tmp_path):
     from wina_cli.cli import _prompt_ids
 
-    tok = tiny_tokenizer()
+    tok = copy.deepcopy(tiny_tokenizer())  # the fixture's tokenizer is shared: the template below must not leak
     assert _prompt_ids(tok, "river stone", False, tmp_path) == list(tok("river stone").input_ids)
     with pytest.raises(ConfigError) as e:
         _prompt_ids(tok, "river stone", True, tmp_path)
