@@ -860,7 +860,6 @@ def generate(
             raise ConfigError("--sparsity and --dense do not apply to an ONNX export",
                               "its gates are fixed in the graph", "export another graph with `wina export "
                               "--format onnx --sparsity S` (or --dense)")
-        import numpy as np
         from transformers import AutoTokenizer
 
         from .onnx_runtime import OnnxDecoder, read_onnx_manifest, warn
@@ -869,7 +868,7 @@ def generate(
         dec = OnnxDecoder(artifact, provider or "cpu", use_native=use_native, strict=strict)
         warn(dec.info.notes)
         tok = AutoTokenizer.from_pretrained(str(artifact), local_files_only=True)
-        run = lambda ids, *a: dec.generate(np.asarray(ids, dtype=np.int64), *a)  # noqa: E731
+        run = dec.generate
         facts = {"runtime": "onnx", "providers": dec.info.providers, "native_library": dec.info.native_library}
     else:
         if provider is not None or strict:

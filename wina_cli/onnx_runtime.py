@@ -252,12 +252,13 @@ class OnnxDecoder:
         logits, cache = self.run(tokens.reshape(b, 1), mask, pos, cache)
         return logits[:, -1], cache, mask
 
-    def generate(self, ids: np.ndarray, max_new_tokens: int, pick=None, eos: int | None = None,
+    def generate(self, ids, max_new_tokens: int, pick=None, eos: int | None = None,
                  on_token=None) -> list[int]:
         """Batch-1 generation: the prompt `ids` [seq] (or [1, seq]) in one run, then one step per token; `pick`
         maps a step's logits to the next token (default greedy; see `sampling.TokenPicker`)."""
         from .sampling import decode_tokens
 
+        ids = np.asarray(ids, dtype=np.int64)
         ids = ids[None, :] if ids.ndim == 1 else ids
         logits, cache, mask = self.prefill(ids, capacity=ids.shape[1] + max_new_tokens)
         state = [cache, mask]

@@ -49,9 +49,9 @@ class TokenPicker:
         self.rng = np.random.default_rng(sampling.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
+        if self.s.greedy:  # on every decode step: no float64 copy of the vocabulary's logits for an argmax
+            return int(np.asarray(logits).argmax())
         z = np.asarray(logits, dtype=np.float64).reshape(-1)
-        if self.s.greedy:
-            return int(z.argmax())
         if 0 < self.s.top_k < z.size:
             cand = np.argpartition(-z, self.s.top_k - 1)[: self.s.top_k]
         else:
