@@ -68,6 +68,9 @@ def write_artifact(output: str, *, overwrite: bool, model, tokenizer, stats: Cal
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: safetensors orders metadata keys at random
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
+        # where the checkpoint sat on the building machine: it would make the same build differ between checkouts,
+        # and the manifest's `source` already names the checkpoint (spec and sha256)
+        cfg.pop("_name_or_path", None)
         cfg["dtype"] = dtype
         cfg["wina"] = {**wina_block, "dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

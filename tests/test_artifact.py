@@ -76,6 +76,10 @@ def test_same_inputs_give_the_same_bytes(artifact, tmp_path, tiny_llama_dir, cal
     assert files == sorted(p.name for p in again.iterdir())
     match, mismatch, errors = filecmp.cmpfiles(artifact, again, files, shallow=False)
     assert mismatch == [] and errors == []
+    # where the checkpoint sat is recorded only as the user named it (manifest and recipe), never as a path
+    # transformers resolved, which would differ between checkouts
+    config = json.loads((again / "config.json").read_text())
+    assert "_name_or_path" not in config and str(tiny_llama_dir) not in (again / "config.json").read_text()
 
 
 def test_corrupt_weights_are_detected(artifact, tmp_path, capsys):

@@ -428,9 +428,16 @@ def test_topk_float16_and_external_data(family_artifacts, tmp_path):
 def test_same_inputs_give_the_same_graph(family_artifacts, tmp_path):
     from exporters.onnx.export import export_onnx
 
-    for name in ("a", "b"):
-        export_onnx(str(family_artifacts["qwen2"]), str(tmp_path / name))
-    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    # the same artifact in another folder under another name (another checkout, another CI runner)
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(family_artifacts["qwen2"], moved)
+    export_onnx(str(family_artifacts["qwen2"]), str(tmp_path / "a"))
+    export_onnx(str(moved), str(tmp_path / "b"))
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.onnx" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert str(tmp_path) not in (tmp_path / "a" / "wina_onnx.json").read_text()
 
 
 def test_without_the_native_library_the_function_bodies_run(family_artifacts, tmp_path, monkeypatch):

@@ -1,13 +1,14 @@
-"""Token picking for generation (greedy, temperature, top-k, top-p, seeds), the generation loop, and the chat
-prompt. The loop against the runtimes is tested in test_onnx.py, beside the family artifacts."""
+"""Token picking for generation (greedy, temperature, top-k, top-p, seeds), the generation loop, the chat
+prompt and the streamed text. The loop against the runtimes is tested in test_onnx.py, beside the family artifacts."""
 import copy
 
 import numpy as np
 import pytest
 
-from conftest import tiny_tokenizer
+from conftest import make_text, tiny_tokenizer
 from wina_cli.errors import ConfigError
 from wina_cli.sampling import Sampling, TokenPicker, decode_tokens
+from wina_cli.text_stream import TextStream
 
 
 def draws(sampling: Sampling, logits: np.ndarray, n: int) -> np.ndarray:
@@ -93,3 +94,28 @@ def test_chat_prompts_use_the_template_or_fail_clearly(tmp_path):
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     ids = _prompt_ids(tok, "river stone", True, tmp_path)
     assert tok.decode(ids) == "<user>river stone<assistant>"
+
+
+def test_the_stream_writes_the_completion_as_decoded_at_once_from_short_windows():
+    tok = copy.deepcopy(tiny_tokenizer())
+    # multi-byte characters split over byte-level tokens: the stream must hold them back until complete
+    text = "naïve café — 日本語 ✓ " + make_text(60, 5) + " ünïcödé ☃☃ end"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) > 150 and tok.decode(ids) == text
+    windows, decode = [], tok.decode
+
+    def counting_decode(t, **kw):
+        windows.append(len(t))
+        return decode(t, **kw)
+
+    tok.decode = counting_decode
+    chunks = []
+    stream = TextStream(tok, "PROMPT:", write=chunks.append)
+    for n in range(1, len(ids) + 1):
+        stream(ids[:n])
+    stream.finish(decode(ids, skip_special_tokens=True))
+    assert "".join(chunks) == "PROMPT:" + text + "\n"
+    assert not any("\ufffd" in c for c in chunks)
+    assert len(chunks) > 50  # it streamed, not only at the end
+    # each call decoded a window of the last few tokens, not the completion so far
+    assert max(windows) <= 8, max(windows)

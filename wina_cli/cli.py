@@ -143,17 +143,17 @@ def calibrate(
     import yaml
 
     recipe_yaml = yaml.safe_dump(saved, sort_keys=False)
+    report_validation, gates = dict(state.validation), state.gates.describe()
     manifest = {
         "source": state.source,
         "recipe": saved,
         "pipeline": [{k: v for k, v in p.items() if k not in ("seconds", "peak_rss_mb")} for p in report.passes],
         "calibration": state.calib_provenance,
         "transform": state.transform,
-        "validation": dict(state.validation),
+        "validation": report_validation,
     }
-    wina_block = {"format_version": 1, "transform": state.transform, **state.gates.describe(),
+    wina_block = {"format_version": 1, "transform": state.transform, **gates,
                   "dense_prompt": recipe.sparsity.dense_prompt, "dense_first": dense_first_policy(state)}
-    report_validation, gates = dict(state.validation), state.gates.describe()
     validation = write_artifact(recipe.output, overwrite=overwrite, model=state.model, tokenizer=state.tokenizer,
                                 stats=state.stats, allocation=state.allocation, plan=state.gates,
                                 dtype=recipe.dtype, wina_block=wina_block, manifest=manifest,
@@ -812,8 +812,9 @@ def _inspect_onnx(folder: Path, verify: bool, json_out: bool) -> None:
     g, src = m.get("graph", {}), m.get("source_artifact", {})
     out.print(f"[bold]{folder}[/bold]  ONNX export, format {m.get('format_version')}, wina "
               f"{m.get('versions', {}).get('wina')}, onnxruntime {m.get('versions', {}).get('onnxruntime')}")
-    out.print(f"source artifact: {src.get('path')} (transform {src.get('transform')}, manifest sha256 "
-              f"{str(src.get('manifest_sha256'))[:16]}...)")
+    where = f"{src['path']}, " if src.get("path") else ""  # older exports recorded the folder
+    out.print(f"source artifact: {where}{src.get('source', {}).get('spec', '?')} (transform {src.get('transform')}, "
+              f"manifest sha256 {str(src.get('manifest_sha256'))[:16]}...)")
     out.print(f"graph: {g.get('model_type')}, {g.get('num_layers')} layers, {g.get('weight_dtype')} weights, opset "
               f"{g.get('opset')}, IR {g.get('ir_version')}; {g.get('gated_ops')} gated projections, "
               f"{g.get('dense_matmuls')} dense projections, {g.get('attention', 'plain')} attention, "
@@ -853,6 +854,7 @@ def generate(
                           "pass e.g. -n 32")
     from .onnx_runtime import ONNX_MANIFEST
     from .sampling import Sampling, TokenPicker
+    from .text_stream import TextStream
 
     sampling = Sampling(temperature, top_k, top_p, seed).check()
     if (artifact / ONNX_MANIFEST).is_file():
@@ -887,7 +889,7 @@ def generate(
         gates = None if rt.plan is None else rt.plan.describe()
         facts = {"runtime": "torch"}
     ids = _prompt_ids(tok, prompt, chat, artifact)
-    stream = None if json_out else _TextStream(tok, "" if chat else prompt)
+    stream = None if json_out else TextStream(tok, "" if chat else prompt)
     t0 = time.perf_counter()
     new = run(ids, max_new_tokens, TokenPicker(sampling), tok.eos_token_id, stream)
     secs = time.perf_counter() - t0
@@ -932,27 +934,6 @@ def _prompt_ids(tok, prompt: str, chat: bool, artifact: Path) -> list[int]:
                           "drop --chat, or add the model's template to its tokenizer files and re-export")
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     return list(tok(text, add_special_tokens=False).input_ids)
-
-
-class _TextStream:
-    """Writes the completion to stdout as tokens arrive (raw text: generated brackets are not rich markup). A
-    token that ends inside a multi-byte character decodes to U+FFFD; its text waits for the next token."""
-
-    def __init__(self, tok, prefix: str):
-        self.tok, self.shown = tok, 0
-        sys.stdout.write(prefix)
-        sys.stdout.flush()
-
-    def __call__(self, new: list[int]) -> None:
-        text = self.tok.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > self.shown:
-            sys.stdout.write(text[self.shown:])
-            sys.stdout.flush()
-            self.shown = len(text)
-
-    def finish(self, text: str) -> None:
-        sys.stdout.write(text[self.shown:] + "\n")
-        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ torch runtime with the same weights (and, for a sparse graph, the gate decisions
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +227,9 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
     cfg = rt.model.config
     manifest = {
         "format": "onnx", "format_version": FORMAT_VERSION, "versions": versions(),
-        "source_artifact": {"path": str(Path(artifact).resolve()), "manifest_sha256": sha256_file(src.path / MANIFEST),
+        # identified by its manifest's hash, not its path: the same artifact exported from another folder or
+        # checkout gives the same bytes
+        "source_artifact": {"manifest_sha256": sha256_file(src.path / MANIFEST),
                             "source": src.manifest.get("source", {}), "transform": src.wina.get("transform")},
         "gates": plan.describe() if plan is not None else {"dense": True},
         "graph": {"opset": {o.domain: o.version for o in model.opset_import}, "ir_version": model.ir_version,
@@ -254,7 +255,9 @@ def export_onnx(artifact: str, output: str, *, weight_dtype: str = "float32", sp
         onnx.helper.set_model_props(written, {**props, "wina.manifest": json.dumps(manifest, sort_keys=True)})
         onnx.save_model(written, str(tmp / ONNX_MODEL))
         rt.tokenizer.save_pretrained(str(tmp))
-        shutil.copyfile(src.path / "config.json", tmp / "config.json")
+        config = json.loads((src.path / "config.json").read_text())
+        config.pop("_name_or_path", None)  # artifacts written before wina dropped it
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         full = {**manifest, "files": file_table(tmp)}
         (tmp / ONNX_MANIFEST).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
     return manifest
