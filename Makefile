@@ -31,7 +31,7 @@ $(NATIVE): wina_cli/native/wina_ops.cc scripts/build_native.sh
 
 # Where nvcc exists, a second library that also holds the CUDA kernel (compiled only: no GPU here to run it).
 $(NATIVE_CUDA): wina_cli/native/wina_ops.cc wina_cli/native/wina_ops_cuda.cu wina_cli/native/wina_ops_cuda_kernel.cuh \
-		scripts/build_native.sh
+		wina_cli/native/wina_ops_cuda.h scripts/build_native.sh
 	bash scripts/build_native.sh cuda $@
 
 native: $(NATIVE) $(if $(NVCC),$(NATIVE_CUDA))

@@ -1,14 +1,16 @@
-// Runs wina's CUDA gated GEMV (wina_cli/native/wina_ops_cuda_kernel.cuh) under the CPU emulation, on operands read
-// from files the test wrote:
-//   run_gated_gemv DIR ROWS IN OUT THRESHOLD F16 MAX_GRID_ROWS
-// reads DIR/x.bin (float32 [ROWS, IN]), DIR/w.bin ([IN, OUT], float32, or float16 bits if F16 is 1),
-// DIR/scale.bin (float32 [IN]); writes DIR/y.bin (float32 [ROWS, OUT]). MAX_GRID_ROWS stands in for the grid's
-// 65535-row limit, so a test can cover the chunked launches with a few rows.
+// Runs wina's CUDA gated product (wina_cli/native/wina_ops_cuda_kernel.cuh) under the CPU emulation, on operands
+// read from files the test wrote:
+//   run_gated_gemv DIR ROWS IN F16 MAX_GRID_ROWS POSITIONS N SPLIT_1..SPLIT_N THRESHOLD_1..THRESHOLD_N
+// reads DIR/x.bin (float32 [ROWS, IN]), DIR/w.bin ([IN, sum(SPLIT)], float32, or float16 bits if F16 is 1),
+// DIR/scale{p}.bin (float32 [IN]) and, when POSITIONS > 0, DIR/dense.bin (one byte per position, row r at
+// position r % POSITIONS); writes DIR/y{p}.bin (float32 [ROWS, SPLIT_p]). MAX_GRID_ROWS stands in for the grid's
+// 65535-row limit, so a test can cover chunked launches with a few rows.
 #include "cuda_emulation.h"
 #include "wina_ops_cuda_kernel.cuh"  // -I wina_cli/native
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 
 template <typename T>
@@ -23,35 +25,67 @@ std::vector<T> read_file(const std::string& path, size_t n) {
   return v;
 }
 
-template <typename W>
-void run(const std::vector<float>& x, const std::vector<W>& w, const std::vector<float>& scale, std::vector<float>& y,
-         int64_t rows, int64_t in, int64_t out, float threshold, int64_t max_rows) {
-  using namespace wina_cuda;
-  for_each_launch(rows, out, max_rows, [&](int64_t r0, int64_t, dim3 grid) {
-    launch(grid, kThreads, [&] { gated_gemv<W>(x.data() + r0 * in, w.data(), scale.data(), y.data() + r0 * out, in,
-                                               out, threshold); });
-  });
-}
-
 int main(int argc, char** argv) {
-  if (argc != 8) {
-    std::fprintf(stderr, "usage: run_gated_gemv DIR ROWS IN OUT THRESHOLD F16 MAX_GRID_ROWS\n");
+  if (argc < 8) {
+    std::fprintf(stderr, "usage: run_gated_gemv DIR ROWS IN F16 MAX_GRID_ROWS POSITIONS N SPLITS... THRESHOLDS...\n");
     return 2;
   }
+  using namespace wina_cuda;
   const std::string dir = argv[1];
-  const int64_t rows = std::atoll(argv[2]), in = std::atoll(argv[3]), out = std::atoll(argv[4]);
-  const float threshold = std::strtof(argv[5], nullptr);
-  const bool f16 = std::atoi(argv[6]) != 0;
-  const int64_t max_rows = std::atoll(argv[7]);
-  const auto x = read_file<float>(dir + "/x.bin", rows * in);
-  const auto scale = read_file<float>(dir + "/scale.bin", in);
-  std::vector<float> y(rows * out, NAN);  // a column the kernel never writes stays NaN
-  if (f16)
-    run(x, read_file<__half>(dir + "/w.bin", in * out), scale, y, rows, in, out, threshold, max_rows);
-  else
-    run(x, read_file<float>(dir + "/w.bin", in * out), scale, y, rows, in, out, threshold, max_rows);
-  FILE* f = std::fopen((dir + "/y.bin").c_str(), "wb");
-  std::fwrite(y.data(), sizeof(float), y.size(), f);
-  std::fclose(f);
+  GemvArgs a{};
+  a.rows = std::atoll(argv[2]);
+  a.in = std::atoll(argv[3]);
+  a.f16 = std::atoi(argv[4]) != 0;
+  const int64_t max_rows = std::atoll(argv[5]);
+  a.positions = std::atoll(argv[6]);
+  a.blocks = std::atoi(argv[7]);
+  if (a.blocks < 1 || a.blocks > kMaxBlocks || argc != 8 + 2 * a.blocks) {
+    std::fprintf(stderr, "N must be 1 to %d, with N splits and N thresholds\n", kMaxBlocks);
+    return 2;
+  }
+  for (int p = 0; p < a.blocks; ++p) {
+    a.offsets[p + 1] = a.offsets[p] + std::atoll(argv[8 + p]);
+    a.threshold[p] = std::strtof(argv[8 + a.blocks + p], nullptr);
+  }
+  a.width = a.offsets[a.blocks];
+  const auto x = read_file<float>(dir + "/x.bin", a.rows * a.in);
+  a.x = x.data();
+  std::vector<float> w32;
+  std::vector<__half> w16;
+  if (a.f16) {
+    w16 = read_file<__half>(dir + "/w.bin", a.in * a.width);
+    a.w = w16.data();
+  } else {
+    w32 = read_file<float>(dir + "/w.bin", a.in * a.width);
+    a.w = w32.data();
+  }
+  std::vector<std::vector<float>> scales, ys;
+  for (int p = 0; p < a.blocks; ++p) {
+    scales.push_back(read_file<float>(dir + "/scale" + std::to_string(p) + ".bin", a.in));
+    a.scale[p] = scales.back().data();
+    ys.emplace_back((a.offsets[p + 1] - a.offsets[p]) * a.rows, NAN);  // a column never written stays NaN
+  }
+  for (int p = 0; p < a.blocks; ++p) a.y[p] = ys[p].data();
+  std::unique_ptr<bool[]> dense;
+  if (a.positions > 0) {
+    const auto bytes = read_file<unsigned char>(dir + "/dense.bin", a.positions);
+    dense.reset(new bool[a.positions]);
+    for (int64_t i = 0; i < a.positions; ++i) dense[i] = bytes[i] != 0;
+    a.dense = dense.get();
+  }
+  if (a.rows > 0 && a.width > 0)  // as the launcher: an empty grid is not launched
+    for_each_launch(a.rows, a.width, max_rows, [&](int64_t r0, dim3 grid) {
+      launch(grid, kThreads, [&] {
+        if (a.f16)
+          gated_gemv<__half>(a, r0);
+        else
+          gated_gemv<float>(a, r0);
+      });
+    });
+  for (int p = 0; p < a.blocks; ++p) {
+    FILE* f = std::fopen((dir + "/y" + std::to_string(p) + ".bin").c_str(), "wb");
+    std::fwrite(ys[p].data(), sizeof(float), ys[p].size(), f);
+    std::fclose(f);
+  }
   return 0;
 }

@@ -15,6 +15,9 @@
 // library adds no threads of its own.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
+#ifdef WINA_WITH_CUDA
+#include "wina_ops_cuda.h"
+#endif
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
@@ -23,7 +26,6 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
-#include <type_traits>
 #include <vector>
 
 #if defined(__F16C__) && defined(__AVX2__)
@@ -465,6 +467,7 @@ struct KernelBase {
 };
 
 struct GatedKernel : KernelBase {
+  static constexpr bool kFused = false;
   bool topk;
   float threshold = 0.0f;
   int64_t k = 0;
@@ -558,6 +561,38 @@ struct GatedKernel : KernelBase {
 // input largely agree, so most kept channels are read as one long row instead of N short scattered ones (in a
 // chain of SmolLM2's q/k/v and gate/up products, 4-15% faster than separate GatedMatMuls, whichever ran first; in a
 // whole decode step, where other ops run in between, 0.6-5%).
+// A fused node's attributes, checked: thresholds[N], and the N + 1 column offsets of its projections in W from
+// splits[N].
+void read_fused_attributes(const OrtKernelInfo* info, int64_t n, std::vector<float>& thresholds,
+                           std::vector<int64_t>& offsets) {
+  if (n < 1 || n > 3) ORT_CXX_API_THROW("ai.wina fused gated matmul: 1 to 3 projections", ORT_INVALID_ARGUMENT);
+  Ort::ConstKernelInfo ki(info);
+  thresholds = ki.GetAttributes<float>("thresholds");
+  const auto splits = ki.GetAttributes<int64_t>("splits");
+  if (static_cast<int64_t>(thresholds.size()) != n || static_cast<int64_t>(splits.size()) != n)
+    ORT_CXX_API_THROW("ai.wina fused gated matmul: one threshold and one split per projection", ORT_INVALID_ARGUMENT);
+  offsets.assign(1, 0);
+  for (int64_t s : splits) offsets.push_back(offsets.back() + s);
+}
+
+// A fused node's scale_p input, checked against W's input channels.
+const float* read_scale(Ort::KernelContext& ctx, size_t index, int64_t in) {
+  auto s = ctx.GetInput(index);
+  if (s.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(in))
+    ORT_CXX_API_THROW("ai.wina gated matmul: scale must have one entry per input channel", ORT_INVALID_ARGUMENT);
+  return s.GetTensorData<float>();
+}
+
+// X and W of a fused node, checked against the width its splits add up to.
+struct FusedOperands {
+  Ort::ConstValue x, w;
+  std::vector<int64_t> xshape, wshape;
+  bool f16;
+  FusedOperands(Ort::KernelContext& ctx, int64_t width) : x(ctx.GetInput(0)), w(ctx.GetInput(1)) {
+    f16 = check_operands(x, w, xshape, wshape, width);
+  }
+};
+
 struct FusedJob {
   const float* x;
   int64_t in;
@@ -624,38 +659,27 @@ void run_fused_task(void* data, size_t t) {
 }
 
 struct FusedKernel : KernelBase {
+  static constexpr bool kFused = true;
   std::vector<float> thresholds;
   std::vector<int64_t> offsets;
   std::vector<const float*> scales;
   std::vector<float> partial;
 
   FusedKernel(const OrtKernelInfo* info, int64_t n) : KernelBase(info) {
-    if (n < 1 || n > 3) ORT_CXX_API_THROW("ai.wina fused gated matmul: 1 to 3 projections", ORT_INVALID_ARGUMENT);
-    Ort::ConstKernelInfo ki(info);
-    thresholds = ki.GetAttributes<float>("thresholds");
-    const auto splits = ki.GetAttributes<int64_t>("splits");
-    if (static_cast<int64_t>(thresholds.size()) != n || static_cast<int64_t>(splits.size()) != n)
-      ORT_CXX_API_THROW("ai.wina fused gated matmul: one threshold and one split per projection",
-                        ORT_INVALID_ARGUMENT);
-    offsets.assign(1, 0);
-    for (int64_t s : splits) offsets.push_back(offsets.back() + s);
+    read_fused_attributes(info, n, thresholds, offsets);
     scales.resize(n);
   }
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const size_t n = thresholds.size();
-    auto x = ctx.GetInput(0);
-    auto wv = ctx.GetInput(1);
-    std::vector<int64_t> xshape, wshape;
-    const bool f16 = check_operands(x, wv, xshape, wshape, offsets.back());
-    const int64_t in = wshape[0], width = wshape[1], nrows = leading_rows(xshape);
-    for (size_t p = 0; p < n; ++p) {
-      auto s = ctx.GetInput(2 + p);
-      if (s.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(in))
-        ORT_CXX_API_THROW("ai.wina gated matmul: scale must have one entry per input channel", ORT_INVALID_ARGUMENT);
-      scales[p] = s.GetTensorData<float>();
-    }
+    const FusedOperands ops(ctx, offsets.back());
+    const auto& x = ops.x;
+    const auto& wv = ops.w;
+    const auto& xshape = ops.xshape;
+    const bool f16 = ops.f16;
+    const int64_t in = ops.wshape[0], width = ops.wshape[1], nrows = leading_rows(xshape);
+    for (size_t p = 0; p < n; ++p) scales[p] = read_scale(ctx, 2 + p, in);
     const bool* dense = nullptr;
     int64_t positions = 1;
     if (ctx.GetInputCount() > 2 + n)
@@ -715,7 +739,7 @@ struct GatedOp : Ort::CustomOpBase<GatedOp<Kernel>, Kernel> {
   GatedOp(const char* op_name, const char* ep, bool is_topk, bool with_dense_rows = false, int64_t n_fused = 0)
       : name(op_name), provider(ep), topk(is_topk), dense_rows(with_dense_rows), fused(n_fused) {}
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const {
-    if constexpr (std::is_same_v<Kernel, FusedKernel>)
+    if constexpr (Kernel::kFused)
       return new Kernel(info, fused);
     else
       return new Kernel(info, topk);
@@ -742,28 +766,82 @@ GatedOp<FusedKernel> g_fused2_rows("FusedGatedMatMul2DenseRows", "CPUExecutionPr
 GatedOp<FusedKernel> g_fused3_rows("FusedGatedMatMul3DenseRows", "CPUExecutionProvider", false, true, 3);
 
 #ifdef WINA_WITH_CUDA
-}  // namespace
-extern "C" int wina_cuda_gated_matmul(const float* x, const void* w, bool w_f16, const float* scale, float* y,
-                                      int64_t rows, int64_t in, int64_t out, float threshold, void* stream);
-namespace {
+// The gated products on the CUDA execution provider: GatedMatMul, FusedGatedMatMul2/3 and their DenseRows
+// variants, every input in device memory; the top-k ops stay on the CPU kernel. Unverified on hardware: see
+// wina_ops_cuda.cu. The host side below only reads shapes and attributes and hands device pointers on.
+void cuda_launch(Ort::KernelContext& ctx, const wina_cuda::GemvArgs& a) {
+  const int err = wina_cuda_gated_matmul(&a, ctx.GetGPUComputeStream());
+  if (err != 0) ORT_CXX_API_THROW("ai.wina gated matmul: CUDA launch failed", ORT_RUNTIME_EXCEPTION);
+}
 
-// GatedMatMul on the CUDA execution provider (threshold mode; top-k nodes stay on the CPU kernel). Unverified on
-// hardware: see wina_ops_cuda.cu.
 struct CudaGatedKernel {
+  static constexpr bool kFused = false;
   float threshold;
   CudaGatedKernel(const OrtKernelInfo* info, bool /*topk: threshold mode only*/) {
     threshold = Ort::ConstKernelInfo(info).GetAttribute<float>("threshold");
   }
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const GatedArgs a = read_args(ctx);
-    const int err = wina_cuda_gated_matmul(a.x, a.w, a.f16, a.scale, a.y, a.rows, a.in, a.out, threshold,
-                                           ctx.GetGPUComputeStream());
-    if (err != 0) ORT_CXX_API_THROW("ai.wina gated matmul: CUDA launch failed", ORT_RUNTIME_EXCEPTION);
+    const GatedArgs g = read_args(ctx);
+    wina_cuda::GemvArgs a{};
+    a.x = g.x;
+    a.w = g.w;
+    a.f16 = g.f16;
+    a.rows = g.rows;
+    a.in = g.in;
+    a.width = g.out;
+    a.blocks = 1;
+    a.offsets[1] = g.out;
+    a.scale[0] = g.scale;
+    a.threshold[0] = threshold;
+    a.y[0] = g.y;
+    if (ctx.GetInputCount() > 3) a.dense = read_dense(ctx, 3, g.seq, a.positions);
+    cuda_launch(ctx, a);
   }
 };
 
-GatedOp<CudaGatedKernel> g_cuda_gated("GatedMatMul", "CUDAExecutionProvider", false);
+struct CudaFusedKernel {
+  static constexpr bool kFused = true;
+  std::vector<float> thresholds;
+  std::vector<int64_t> offsets;
+  CudaFusedKernel(const OrtKernelInfo* info, int64_t n) {
+    static_assert(wina_cuda::kMaxBlocks == 3, "read_fused_attributes allows 1 to 3 projections");
+    read_fused_attributes(info, n, thresholds, offsets);
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t n = thresholds.size();
+    const FusedOperands ops(ctx, offsets.back());
+    const auto& xshape = ops.xshape;
+    wina_cuda::GemvArgs a{};
+    a.f16 = ops.f16;
+    a.x = ops.x.GetTensorData<float>();
+    a.w = ops.w.GetTensorRawData();
+    a.rows = leading_rows(xshape);
+    a.in = ops.wshape[0];
+    a.width = ops.wshape[1];
+    a.blocks = static_cast<int>(n);
+    for (size_t p = 0; p < n; ++p) {
+      a.scale[p] = read_scale(ctx, 2 + p, a.in);
+      a.threshold[p] = thresholds[p];
+      a.offsets[p + 1] = offsets[p + 1];
+      std::vector<int64_t> yshape(xshape.begin(), xshape.end());
+      yshape.back() = offsets[p + 1] - offsets[p];
+      a.y[p] = ctx.GetOutput(p, yshape).GetTensorMutableData<float>();
+    }
+    if (ctx.GetInputCount() > 2 + n)
+      a.dense = read_dense(ctx, 2 + n, xshape.size() >= 2 ? xshape[xshape.size() - 2] : 0, a.positions);
+    cuda_launch(ctx, a);
+  }
+};
+
+const char* const kCuda = "CUDAExecutionProvider";
+GatedOp<CudaGatedKernel> g_cuda_gated("GatedMatMul", kCuda, false);
+GatedOp<CudaGatedKernel> g_cuda_gated_rows("GatedMatMulDenseRows", kCuda, false, true);
+GatedOp<CudaFusedKernel> g_cuda_fused2("FusedGatedMatMul2", kCuda, false, false, 2);
+GatedOp<CudaFusedKernel> g_cuda_fused3("FusedGatedMatMul3", kCuda, false, false, 3);
+GatedOp<CudaFusedKernel> g_cuda_fused2_rows("FusedGatedMatMul2DenseRows", kCuda, false, true, 2);
+GatedOp<CudaFusedKernel> g_cuda_fused3_rows("FusedGatedMatMul3DenseRows", kCuda, false, true, 3);
 #endif
 std::mutex g_domain_mutex;
 std::vector<Ort::CustomOpDomain> g_domains;  // must outlive every session that uses them
@@ -787,7 +865,8 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     domain.Add(&g_topk_rows);
     for (auto* op : {&g_fused2, &g_fused3, &g_fused2_rows, &g_fused3_rows}) domain.Add(op);
 #ifdef WINA_WITH_CUDA
-    domain.Add(&g_cuda_gated);
+    for (auto* op : {&g_cuda_gated, &g_cuda_gated_rows}) domain.Add(op);
+    for (auto* op : {&g_cuda_fused2, &g_cuda_fused3, &g_cuda_fused2_rows, &g_cuda_fused3_rows}) domain.Add(op);
 #endif
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(g_domain_mutex);
