@@ -2,9 +2,10 @@
 run as CUDA here; tests/cuda_emulation/ compiles the very kernel source (wina_ops_cuda_kernel.cuh) with g++
 against a few lines that stand in for CUDA (every thread of a block an OS thread, __syncthreads a barrier), and
 these tests hold its output to the ops' definition: Y_p = (X where |X| * scale_p > threshold_p or the row's
-position is flagged dense, else 0) @ W[:, block p]. This checks the kernel's indexing, its tiling of the input
-channels, its partial column blocks, its gating, fused projections, gate policies, float16 weights and its
-chunking of rows over launches; not speed, and not what only the hardware does."""
+position is flagged dense, else 0) @ W[:, block p], or for top-k X where its score is among the row's k highest
+(ties to the lower index). This checks the kernels' indexing, their tiling of the input channels, partial column
+blocks, gating, top-k selection, fused projections, gate policies, float16 weights and the chunking of rows over
+launches; not speed, and not what only the hardware does."""
 from __future__ import annotations
 
 import shutil
@@ -34,9 +35,10 @@ def emulator(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("cuda-emulation"), KERNEL.parent)
 
 
-def run_kernel(exe: Path, folder: Path, x, w, scales, thresholds, splits, dense=None, max_grid_rows=65535):
+def run_kernel(exe: Path, folder: Path, x, w, scales, thresholds, splits, dense=None, max_grid_rows=65535, k=-1):
     """x [rows, in] (rows position-major as X [batch, seq, in] flattens), w [in, sum(splits)]; one scale and
-    threshold per split; dense: one flag per position, or None."""
+    threshold per split; dense: one flag per position, or None; k >= 0: top-k (one split; returns the outputs and
+    the kept-channel mask the selection wrote)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows, n_in = x.shape
     x.astype(np.float32).tofile(folder / "x.bin")
@@ -46,11 +48,14 @@ def run_kernel(exe: Path, folder: Path, x, w, scales, thresholds, splits, dense=
     if dense is not None:
         np.asarray(dense, np.uint8).tofile(folder / "dense.bin")
     args = [str(exe), str(folder), str(rows), str(n_in), "1" if w.dtype == np.float16 else "0", str(max_grid_rows),
-            str(0 if dense is None else len(dense)), str(len(splits)), *map(str, splits),
+            str(0 if dense is None else len(dense)), str(k), str(len(splits)), *map(str, splits),
             *(repr(float(np.float32(t))) for t in thresholds)]
     p = subprocess.run(args, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    return [np.fromfile(folder / f"y{p}.bin", dtype=np.float32).reshape(rows, s) for p, s in enumerate(splits)]
+    ys = [np.fromfile(folder / f"y{p}.bin", dtype=np.float32).reshape(rows, s) for p, s in enumerate(splits)]
+    if k >= 0:
+        return ys, np.fromfile(folder / "keep.bin", dtype=np.uint8).reshape(rows, n_in)
+    return ys
 
 
 def definition(x, w, scales, thresholds, splits, dense=None):
@@ -136,6 +141,46 @@ def test_dense_rows(emulator, tmp_path, splits):
     masks = check(got, x, w, scales, thresholds, list(splits), dense=dense, what="dense rows")
     flagged = np.tile(dense, batch)
     assert masks[0][flagged].all() and not masks[0][~flagged].all()
+
+
+def topk_definition(x, scale, k, dense_row):
+    """The k highest |x| * scale of each row, ties to the lower index (ONNX TopK, the CPU kernel); every channel of
+    a dense row."""
+    score = np.abs(x) * scale
+    keep = np.zeros(x.shape, bool)
+    for r in range(x.shape[0]):
+        order = np.lexsort((np.arange(x.shape[1]), -score[r]))  # by score descending, then index ascending
+        keep[r, order[:max(0, min(k, x.shape[1]))]] = True
+    keep[dense_row] = True
+    return keep
+
+
+@pytest.mark.parametrize("wdtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_topk(emulator, tmp_path, wdtype):
+    """TopKMatMul[DenseRows]: the selection over several tiles of 256 channels and four radix passes, with many
+    tied scores (values on a coarse grid, one scale), every k from none to all, rows over chunked launches."""
+    rng = np.random.default_rng(11)
+    rows, n_in, n_out = 6, 1300, 70
+    x = (np.round(rng.standard_normal((rows, n_in)) * 4) / 4).astype(np.float32)  # a few dozen distinct values
+    x[:, ::5] = 0.0
+    w = rng.standard_normal((n_in, n_out)).astype(wdtype)
+    scale = np.full(n_in, 0.5, np.float32)
+    score = np.abs(x) * scale
+    assert len(np.unique(score)) < 40
+    for k in (0, 1, 7, n_in // 3, n_in // 2, n_in - 1, n_in, n_in + 5):
+        for dense in (None, [True, False, False]):
+            dense_row = np.zeros(rows, bool) if dense is None else np.tile(dense, rows // 3)
+            want_keep = topk_definition(x, scale, k, dense_row)
+            got, keep = run_kernel(emulator, tmp_path / f"k{k}-{dense is not None}", x, w, [scale], [0.0], [n_out],
+                                   dense=dense, max_grid_rows=4, k=k)
+            assert np.array_equal(keep.astype(bool), want_keep), f"k={k}, dense={dense}"
+            if 0 < k < n_in:  # the k-th score is shared by channels the selection had to split by index
+                sparse = ~dense_row
+                tied = score[sparse] == -np.sort(-score[sparse], axis=1)[:, [k - 1]]
+                assert ((tied & keep[sparse].astype(bool)).sum(1) < tied.sum(1)).any(), k
+            want = (x * want_keep).astype(np.float64) @ w.astype(np.float64)
+            bound = np.abs(x * want_keep).astype(np.float64) @ np.abs(w.astype(np.float64))
+            assert np.all(np.abs(got[0] - want) <= 1e-5 * bound + 1e-30), f"k={k}, dense={dense}"
 
 
 def test_a_wrong_kernel_is_caught(tmp_path):

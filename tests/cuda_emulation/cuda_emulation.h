@@ -1,8 +1,9 @@
-// Just enough of CUDA to run wina's kernel on the CPU: each block runs alone, each of its threads is an OS thread,
+// Just enough of CUDA to run wina's kernels on the CPU: each block runs alone, each of its threads is an OS thread,
 // __shared__ arrays are shared by the block's threads (function statics: blocks never overlap), and
 // __syncthreads() is a barrier over the block. __half is IEEE binary16, converted as the hardware converts.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +26,14 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline std::barrier<>* g_block_barrier = nullptr;
 
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 struct __half {
   uint16_t bits;

@@ -766,9 +766,8 @@ GatedOp<FusedKernel> g_fused2_rows("FusedGatedMatMul2DenseRows", "CPUExecutionPr
 GatedOp<FusedKernel> g_fused3_rows("FusedGatedMatMul3DenseRows", "CPUExecutionProvider", false, true, 3);
 
 #ifdef WINA_WITH_CUDA
-// The gated products on the CUDA execution provider: GatedMatMul, FusedGatedMatMul2/3 and their DenseRows
-// variants, every input in device memory; the top-k ops stay on the CPU kernel. Unverified on hardware: see
-// wina_ops_cuda.cu. The host side below only reads shapes and attributes and hands device pointers on.
+// The gated products on the CUDA execution provider: GatedMatMul, TopKMatMul, FusedGatedMatMul2/3 and their
+// DenseRows variants, every input in device memory. Unverified on hardware: see wina_ops_cuda.cu. The host side below only reads shapes and attributes and hands device pointers on.
 void cuda_launch(Ort::KernelContext& ctx, const wina_cuda::GemvArgs& a) {
   const int err = wina_cuda_gated_matmul(&a, ctx.GetGPUComputeStream());
   if (err != 0) ORT_CXX_API_THROW("ai.wina gated matmul: CUDA launch failed", ORT_RUNTIME_EXCEPTION);
@@ -776,9 +775,14 @@ void cuda_launch(Ort::KernelContext& ctx, const wina_cuda::GemvArgs& a) {
 
 struct CudaGatedKernel {
   static constexpr bool kFused = false;
-  float threshold;
-  CudaGatedKernel(const OrtKernelInfo* info, bool /*topk: threshold mode only*/) {
-    threshold = Ort::ConstKernelInfo(info).GetAttribute<float>("threshold");
+  float threshold = 0.0f;
+  int64_t k = -1;  // top-k ops: channels kept per row
+  CudaGatedKernel(const OrtKernelInfo* info, bool topk) {
+    Ort::ConstKernelInfo ki(info);
+    if (topk)
+      k = ki.GetAttribute<int64_t>("k");
+    else
+      threshold = ki.GetAttribute<float>("threshold");
   }
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
@@ -794,6 +798,7 @@ struct CudaGatedKernel {
     a.offsets[1] = g.out;
     a.scale[0] = g.scale;
     a.threshold[0] = threshold;
+    a.k = k;
     a.y[0] = g.y;
     if (ctx.GetInputCount() > 3) a.dense = read_dense(ctx, 3, g.seq, a.positions);
     cuda_launch(ctx, a);
@@ -838,6 +843,8 @@ struct CudaFusedKernel {
 const char* const kCuda = "CUDAExecutionProvider";
 GatedOp<CudaGatedKernel> g_cuda_gated("GatedMatMul", kCuda, false);
 GatedOp<CudaGatedKernel> g_cuda_gated_rows("GatedMatMulDenseRows", kCuda, false, true);
+GatedOp<CudaGatedKernel> g_cuda_topk("TopKMatMul", kCuda, true);
+GatedOp<CudaGatedKernel> g_cuda_topk_rows("TopKMatMulDenseRows", kCuda, true, true);
 GatedOp<CudaFusedKernel> g_cuda_fused2("FusedGatedMatMul2", kCuda, false, false, 2);
 GatedOp<CudaFusedKernel> g_cuda_fused3("FusedGatedMatMul3", kCuda, false, false, 3);
 GatedOp<CudaFusedKernel> g_cuda_fused2_rows("FusedGatedMatMul2DenseRows", kCuda, false, true, 2);
@@ -865,7 +872,7 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     domain.Add(&g_topk_rows);
     for (auto* op : {&g_fused2, &g_fused3, &g_fused2_rows, &g_fused3_rows}) domain.Add(op);
 #ifdef WINA_WITH_CUDA
-    for (auto* op : {&g_cuda_gated, &g_cuda_gated_rows}) domain.Add(op);
+    for (auto* op : {&g_cuda_gated, &g_cuda_gated_rows, &g_cuda_topk, &g_cuda_topk_rows}) domain.Add(op);
     for (auto* op : {&g_cuda_fused2, &g_cuda_fused3, &g_cuda_fused2_rows, &g_cuda_fused3_rows}) domain.Add(op);
 #endif
     Ort::UnownedSessionOptions(options).Add(domain);

@@ -10,6 +10,8 @@ constexpr int kMaxBlocks = 3;  // projections of one fused node (q, k, v)
 // Y_p = (X where |X| * scale_p > threshold_p, or where the row's position is flagged dense) @ W[:, block p], for
 // the column blocks p of W [in, width] (one block for GatedMatMul, N for FusedGatedMatMulN). X [rows, in] float32,
 // W float32 or float16 (`f16`), Y_p [rows, offsets[p + 1] - offsets[p]] float32, all in device memory.
+// With k >= 0 (TopKMatMul, one block), each row keeps instead the k channels of highest |x| * scale, ties going
+// to the lower index, as the CPU kernel and the op's function body (ONNX TopK) do.
 struct GemvArgs {
   const float* x;
   const void* w;
@@ -22,6 +24,8 @@ struct GemvArgs {
   float* y[kMaxBlocks];
   const bool* dense;  // dense[positions] of a gate policy, row r at position r % positions; nullptr: none
   int64_t positions;
+  int64_t k = -1;                // top-k: channels kept per row; -1: threshold gates
+  unsigned char* keep = nullptr;  // top-k: [rows, in] scratch for each row's kept channels, filled by select_topk
 };
 
 }  // namespace wina_cuda

@@ -1,5 +1,5 @@
-// The CUDA kernel of ai.wina's gated products (GatedMatMul, FusedGatedMatMul2/3 and their DenseRows variants) and
-// how its launches cover the rows, without the launch itself.
+// The CUDA kernels of ai.wina's gated products (GatedMatMul, TopKMatMul, FusedGatedMatMul2/3 and their DenseRows
+// variants) and how their launches cover the rows, without the launch itself.
 //
 // Included by wina_ops_cuda.cu, which launches it on ONNX Runtime's CUDA stream, and by the test harness
 // (tests/cuda_emulation/), which runs the same code on the CPU with every CUDA thread an OS thread: no machine wina
@@ -28,6 +28,71 @@ __device__ inline float load_weight(const W* w, int64_t i) { return static_cast<
 template <>
 __device__ inline float load_weight<__half>(const __half* w, int64_t i) { return __half2float(w[i]); }
 
+// Top-k: one block per row finds the k-th highest score by radix selection on the scores' bits (non-negative
+// floats order as their bit patterns), eight bits a pass, then marks the kept channels in a.keep: every score
+// above it, and as many equal to it as k leaves room for, lowest index first.
+__device__ inline uint32_t score_bits(const GemvArgs& a, const float* xr, int64_t i) {
+  const float s = fabsf(xr[i]) * a.scale[0][i];
+  return __float_as_uint(s);
+}
+
+__global__ void select_topk(const GemvArgs a, int64_t row0) {
+  __shared__ int hist[256];
+  __shared__ uint32_t prefix_s;
+  __shared__ int64_t rank_s;  // which of the scores matching the prefix, counted from the highest, is the k-th
+  __shared__ int64_t flags[kThreads];
+  __shared__ int64_t taken_s;
+  const int64_t row = row0 + blockIdx.y;
+  const float* xr = a.x + row * a.in;
+  unsigned char* keep = a.keep + row * a.in;
+  const bool dense_row = a.dense != nullptr && a.dense[row % a.positions];
+  if (dense_row || a.k >= a.in || a.k <= 0) {
+    for (int64_t i = threadIdx.x; i < a.in; i += kThreads) keep[i] = dense_row || a.k >= a.in;
+    return;
+  }
+  uint32_t prefix = 0, mask = 0;
+  if (threadIdx.x == 0) rank_s = a.k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int d = threadIdx.x; d < 256; d += kThreads) hist[d] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < a.in; i += kThreads) {
+      const uint32_t b = score_bits(a, xr, i);
+      if ((b & mask) == prefix) atomicAdd(&hist[(b >> shift) & 255u], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t above = 0;
+      int d = 255;
+      while (above + hist[d] < rank_s) above += hist[d--];
+      rank_s -= above;
+      prefix_s = prefix | (static_cast<uint32_t>(d) << shift);
+    }
+    __syncthreads();
+    prefix = prefix_s;
+    mask |= 255u << shift;
+  }
+  const int64_t ties = rank_s;  // scores equal to the k-th to keep, in index order
+  if (threadIdx.x == 0) taken_s = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < a.in; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const uint32_t b = i < a.in ? score_bits(a, xr, i) : 0u;
+    const bool tie = i < a.in && b == prefix;
+    flags[threadIdx.x] = tie;
+    __syncthreads();
+    for (unsigned step = 1; step < kThreads; step *= 2) {  // inclusive prefix sum of the ties in this chunk
+      const int64_t add = threadIdx.x >= step ? flags[threadIdx.x - step] : 0;
+      __syncthreads();
+      flags[threadIdx.x] += add;
+      __syncthreads();
+    }
+    if (i < a.in) keep[i] = b > prefix || (tie && taken_s + flags[threadIdx.x] <= ties);
+    __syncthreads();
+    if (threadIdx.x == 0) taken_s += flags[kThreads - 1];
+    __syncthreads();
+  }
+}
+
 template <typename W>
 __global__ void gated_gemv(const GemvArgs a, int64_t row0) {
   __shared__ float xs[kTile];
@@ -45,8 +110,11 @@ __global__ void gated_gemv(const GemvArgs a, int64_t row0) {
     for (int64_t t = threadIdx.x; t < n; t += kThreads) {
       const float v = xr[base + t];
       xs[t] = v;
-      for (int b = 0; b < a.blocks; ++b)
-        keep[b][t] = dense_row || fabsf(v) * a.scale[b][base + t] > a.threshold[b];
+      if (a.k >= 0)  // top-k: the channels select_topk marked
+        keep[0][t] = a.keep[row * a.in + base + t];
+      else
+        for (int b = 0; b < a.blocks; ++b)
+          keep[b][t] = dense_row || fabsf(v) * a.scale[b][base + t] > a.threshold[b];
     }
     __syncthreads();
     if (j < a.width) {
