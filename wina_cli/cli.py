@@ -358,7 +358,9 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
     floor: bool = typer.Option(False, "--floor", help="Speed: also decode, in the same turns, a copy of the sparse "
                                "export with every gate closed, and say where the step's time goes: the floor "
-                               "gating cannot lower, and the gated rows' GB/s against the same projections dense."),
+                               "gating cannot lower, and the gated rows' GB/s against the same projections dense. "
+                               "The third export in the turns lowers the measured speedup (README): read that from "
+                               "a run without --floor."),
     profile: bool = typer.Option(False, "--profile", help="Speed: also profile each export decoding alone (ONNX "
                                  "Runtime's profiler, as many steps) and show the time per step of each kind of "
                                  "node: each projection, lm_head, attention, the rest."),
