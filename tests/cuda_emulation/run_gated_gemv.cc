@@ -4,7 +4,8 @@
 // (K >= 0: top-k, N = 1, its threshold unused; K = -1: threshold gates)
 // reads DIR/x.bin (float32 [ROWS, IN]), DIR/w.bin ([IN, sum(SPLIT)], float32, or float16 bits if F16 is 1),
 // DIR/scale{p}.bin (float32 [IN]) and, when POSITIONS > 0, DIR/dense.bin (one byte per position, row r at
-// position r % POSITIONS); writes DIR/y{p}.bin (float32 [ROWS, SPLIT_p]). MAX_GRID_ROWS stands in for the grid's
+// position r % POSITIONS); writes DIR/y{p}.bin (float32 [ROWS, SPLIT_p]) and, for top-k, DIR/keep.bin (the kept
+// channels, one byte each [ROWS, IN]). MAX_GRID_ROWS stands in for the grid's
 // 65535-row limit, so a test can cover chunked launches with a few rows.
 #include "cuda_emulation.h"
 #include "wina_ops_cuda_kernel.cuh"  // -I wina_cli/native
