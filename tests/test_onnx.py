@@ -825,6 +825,32 @@ def test_decode_timing_reverses_the_turns_every_round(family_artifacts, tmp_path
     assert bursts[:4] == ["a", "b", "b", "a"] and all(calls[i] == calls[i + 1] for i in range(0, len(calls), 2))
 
 
+def test_a_quiet_export_does_not_spin(family_artifacts, tmp_path, monkeypatch):
+    """The bench's floor takes turns with quiet threads (they sleep when idle), so it does not slow the export
+    that runs after it; the two being compared keep ONNX Runtime's default."""
+    from exporters.onnx.export import export_onnx
+    from wina_cli.bench import speed
+
+    export_onnx(str(family_artifacts["llama"]), str(tmp_path / "onnx"))
+    spins, original = {}, speed.OnnxDecoder
+
+    def make(folder, *a, **k):
+        dec = original(folder, *a, **k)
+        try:
+            entry = dec.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: ONNX Runtime's default, spinning
+            entry = "default"
+        spins.setdefault(Path(folder).name, set()).add(entry)
+        return dec
+
+    for name in ("a", "b"):
+        shutil.copytree(tmp_path / "onnx", tmp_path / name)
+    monkeypatch.setattr(speed, "OnnxDecoder", make)
+    speed.time_decode({k: tmp_path / k for k in ("a", "b")}, np.array([3, 5, 7], np.int64), steps=2, warmup=0,
+                      burst=2, quiet=frozenset({"b"}))
+    assert spins == {"a": {"default"}, "b": {"0"}}
+
+
 def test_kernel_microbenchmark_reports_ratios():
     from wina_cli.bench.speed import kernel_bench
 

@@ -358,9 +358,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="Speed: ONNX Runtime intra-op threads."),
     floor: bool = typer.Option(False, "--floor", help="Speed: also decode, in the same turns, a copy of the sparse "
                                "export with every gate closed, and say where the step's time goes: the floor "
-                               "gating cannot lower, and the gated rows' GB/s against the same projections dense. "
-                               "The third export in the turns lowers the measured speedup (README): read that from "
-                               "a run without --floor."),
+                               "gating cannot lower, and the gated rows' GB/s against the same projections dense."),
     profile: bool = typer.Option(False, "--profile", help="Speed: also profile each export decoding alone (ONNX "
                                  "Runtime's profiler, as many steps) and show the time per step of each kind of "
                                  "node: each projection, lm_head, attention, the rest."),
@@ -596,7 +594,9 @@ def _bench_speed(artifact: Path, onnx: Path, onnx_dense: Optional[Path], steps: 
         long_ids = np.resize(ids, prefill_tokens) if prefill_tokens else None
         progress(f"decoding with the {', '.join(exports)} exports in turns ({warmup} warm-up + {steps} steps each)"
                  + (f", then prefilling {prefill_tokens} tokens" if prefill_tokens else ""))
-        runs = speed.time_decode(exports, ids, steps, warmup, threads=threads, prefill_ids=long_ids)
+        # the floor's threads sleep when idle: spinning, they slowed the export that ran after them (README)
+        runs = speed.time_decode(exports, ids, steps, warmup, threads=threads, prefill_ids=long_ids,
+                                 quiet=frozenset({"floor"}))
         floor_run = runs.pop("floor", None)
         profiles = None
         if profile:

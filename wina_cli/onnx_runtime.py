@@ -60,11 +60,13 @@ class SessionInfo:
 
 
 def make_session(model_path: str | Path, provider: str = "cpu", use_native: bool = True, strict: bool = False,
-                 threads: int | None = None, profile_prefix: str | None = None):
+                 threads: int | None = None, profile_prefix: str | None = None, spin: bool = True):
     """An InferenceSession for the model; registers wina's native kernels when asked and present.
 
     CUDA asked for where it cannot run falls back to CPU with a note, or fails with `strict`. With
     `profile_prefix`, ONNX Runtime's profiler records every node's time (`session.end_profiling()` writes it).
+    `spin=False`: the intra-op threads sleep when idle instead of spinning (ONNX Runtime's default), so they leave
+    the cores to another session that runs next.
     """
     import onnxruntime as ort
 
@@ -76,6 +78,8 @@ def make_session(model_path: str | Path, provider: str = "cpu", use_native: bool
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -162,14 +166,14 @@ class OnnxDecoder:
 
     def __init__(self, folder: str | Path, provider: str = "cpu", use_native: bool = True, strict: bool = False,
                  threads: int | None = None, extra_outputs: list[str] | None = None,
-                 shared_cache: bool | None = None, profile_prefix: str | None = None):
+                 shared_cache: bool | None = None, profile_prefix: str | None = None, spin: bool = True):
         folder = Path(folder)
         path = folder / ONNX_MODEL if folder.is_dir() else folder
         if not path.is_file():
             raise ArtifactError(f"'{path}' does not exist", "an ONNX artifact folder holds model.onnx",
                                 "export one with `wina export ARTIFACT --format onnx --output DIR`")
         self.path = path
-        self.session, self.info = make_session(path, provider, use_native, strict, threads, profile_prefix)
+        self.session, self.info = make_session(path, provider, use_native, strict, threads, profile_prefix, spin)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         shape = next(i.shape for i in self.session.get_inputs() if i.name == self.past_names[0])

@@ -72,7 +72,7 @@ def round_ratios(base: DecodeResult, other: DecodeResult) -> list[float]:
 
 def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: int, warmup: int,
                 threads: int | None = None, burst: int = 8, prefill_ids: np.ndarray | None = None,
-                prefill_rounds: int = 3) -> dict[str, DecodeResult]:
+                prefill_rounds: int = 3, quiet: frozenset[str] = frozenset()) -> dict[str, DecodeResult]:
     """Greedy batch-1 decode of each export: `warmup` steps untimed, then until `steps` steps are timed.
 
     The exports take turns burst by burst (`burst` steps each, the order reversing every round) in one process, so
@@ -81,14 +81,21 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     cores. Peak memory is read in a first pass that runs each export alone (prefill and warm-up), where the
     high-water mark is its own.
     `prefill_ids`, if given, is a longer prompt whose prefill is timed afterwards, exports again taking turns
-    (`prefill_rounds` each, after one untimed)."""
+    (`prefill_rounds` each, after one untimed).
+    `quiet`: labels of exports whose threads sleep when idle instead of spinning. ONNX Runtime's threads spin
+    for a while after a call, on the cores the next session needs, and a session is slowed by another's spinning,
+    never by its own: with three exports in reversed turns the one in the middle always follows another session,
+    while the ends follow themselves every other round. A third export that only serves as a reference (the
+    floor) is quiet, so it slows neither of the two being compared: with it spinning, the sparse export in the
+    middle measured 1.19-1.36x against its dense export where the pair alone measured 1.33-1.41x (4 of 4 lower,
+    session 19); quiet, 1.396-1.413x."""
     memory = {}
     # room in a shared KV cache for every step an export runs (timed, warm-up, a burst's untimed first steps)
     capacity = len(prompt_ids) + 2 * (warmup + steps) + burst
     for label, folder in folders.items():
         gc.collect()
         reset_peak_rss()
-        dec = OnnxDecoder(folder, "cpu", threads=threads)
+        dec = OnnxDecoder(folder, "cpu", threads=threads, spin=label not in quiet)
         logits, cache, mask = dec.prefill(prompt_ids[None, :], capacity=capacity)
         tok = int(logits[0, -1].argmax())
         for _ in range(warmup):
@@ -99,7 +106,7 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     gc.collect()
     state = {}
     for label, folder in folders.items():
-        dec = OnnxDecoder(folder, "cpu", threads=threads)
+        dec = OnnxDecoder(folder, "cpu", threads=threads, spin=label not in quiet)
         logits, cache, mask = dec.prefill(prompt_ids[None, :], capacity=capacity)
         tok = int(logits[0, -1].argmax())
         state[label] = {"dec": dec, "cache": cache, "mask": mask, "tokens": [tok], "times": [], "bursts": []}
