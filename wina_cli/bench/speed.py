@@ -84,7 +84,7 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     (`prefill_rounds` each, after one untimed).
     `quiet`: labels of exports whose threads sleep when idle instead of spinning. ONNX Runtime's threads spin
     for a while after a call, on the cores the next session needs, and a session is slowed by another's spinning,
-    never by its own: with three exports in reversed turns the one in the middle always follows another session,
+    not by its own: with three exports in reversed turns the one in the middle always follows another session,
     while the ends follow themselves every other round. A third export that only serves as a reference (the
     floor) is quiet, so it slows neither of the two being compared: with it spinning, the sparse export in the
     middle measured 1.19-1.36x against its dense export where the pair alone measured 1.33-1.41x (4 of 4 lower,
