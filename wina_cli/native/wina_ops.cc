@@ -338,6 +338,11 @@ int64_t leading_rows(const std::vector<int64_t>& xshape) {
   return rows;
 }
 
+// X [..., S, in]: its positions S, which a gate policy's dense[S] flags; 0 for a single row X [in].
+int64_t positions_of(const std::vector<int64_t>& xshape) {
+  return xshape.size() >= 2 ? xshape[xshape.size() - 2] : 0;
+}
+
 // X [..., in] and W [in, out] (float32 or float16) checked, with out = `width` where width > 0; their shapes, and
 // whether W is float16.
 bool check_operands(const Ort::ConstValue& x, const Ort::ConstValue& w, std::vector<int64_t>& xshape,
@@ -365,7 +370,7 @@ GatedArgs read_args(Ort::KernelContext& ctx) {
   auto y = ctx.GetOutput(0, yshape);
   return {x.GetTensorData<float>(), w.GetTensorRawData(), f16, scale.GetTensorData<float>(),
           y.GetTensorMutableData<float>(), leading_rows(xshape), wshape[0], wshape[1],
-          xshape.size() >= 2 ? xshape[xshape.size() - 2] : 0, static_cast<const OrtValue*>(x),
+          positions_of(xshape), static_cast<const OrtValue*>(x),
           static_cast<const OrtValue*>(w), static_cast<OrtValue*>(y)};
 }
 
@@ -466,6 +471,15 @@ struct KernelBase {
   }
 };
 
+// A single gated op's attribute: k for the top-k ops, the threshold for the others (the other is left as it was).
+void read_gate_attribute(const OrtKernelInfo* info, bool topk, float& threshold, int64_t& k) {
+  Ort::ConstKernelInfo ki(info);
+  if (topk)
+    k = ki.GetAttribute<int64_t>("k");
+  else
+    threshold = ki.GetAttribute<float>("threshold");
+}
+
 struct GatedKernel : KernelBase {
   static constexpr bool kFused = false;
   bool topk;
@@ -476,11 +490,7 @@ struct GatedKernel : KernelBase {
   std::vector<float> partial;
 
   GatedKernel(const OrtKernelInfo* info, bool is_topk) : KernelBase(info), topk(is_topk) {
-    Ort::ConstKernelInfo ki(info);
-    if (topk)
-      k = ki.GetAttribute<int64_t>("k");
-    else
-      threshold = ki.GetAttribute<float>("threshold");
+    read_gate_attribute(info, topk, threshold, k);
   }
 
   void Compute(OrtKernelContext* context) {
@@ -683,7 +693,7 @@ struct FusedKernel : KernelBase {
     const bool* dense = nullptr;
     int64_t positions = 1;
     if (ctx.GetInputCount() > 2 + n)
-      dense = read_dense(ctx, 2 + n, xshape.size() >= 2 ? xshape[xshape.size() - 2] : 0, positions);
+      dense = read_dense(ctx, 2 + n, positions_of(xshape), positions);
     std::vector<OrtValue*> ys(n);
     std::vector<float*> yp(n);
     for (size_t p = 0; p < n; ++p) {
@@ -767,7 +777,8 @@ GatedOp<FusedKernel> g_fused3_rows("FusedGatedMatMul3DenseRows", "CPUExecutionPr
 
 #ifdef WINA_WITH_CUDA
 // The gated products on the CUDA execution provider: GatedMatMul, TopKMatMul, FusedGatedMatMul2/3 and their
-// DenseRows variants, every input in device memory. Unverified on hardware: see wina_ops_cuda.cu. The host side below only reads shapes and attributes and hands device pointers on.
+// DenseRows variants, every input in device memory. Unverified on hardware: see wina_ops_cuda.cu. The host side
+// below only reads shapes and attributes and hands device pointers on.
 void cuda_launch(Ort::KernelContext& ctx, const wina_cuda::GemvArgs& a) {
   const int err = wina_cuda_gated_matmul(&a, ctx.GetGPUComputeStream());
   if (err != 0) ORT_CXX_API_THROW("ai.wina gated matmul: CUDA launch failed", ORT_RUNTIME_EXCEPTION);
@@ -777,13 +788,7 @@ struct CudaGatedKernel {
   static constexpr bool kFused = false;
   float threshold = 0.0f;
   int64_t k = -1;  // top-k ops: channels kept per row
-  CudaGatedKernel(const OrtKernelInfo* info, bool topk) {
-    Ort::ConstKernelInfo ki(info);
-    if (topk)
-      k = ki.GetAttribute<int64_t>("k");
-    else
-      threshold = ki.GetAttribute<float>("threshold");
-  }
+  CudaGatedKernel(const OrtKernelInfo* info, bool topk) { read_gate_attribute(info, topk, threshold, k); }
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const GatedArgs g = read_args(ctx);
@@ -835,7 +840,7 @@ struct CudaFusedKernel {
       a.y[p] = ctx.GetOutput(p, yshape).GetTensorMutableData<float>();
     }
     if (ctx.GetInputCount() > 2 + n)
-      a.dense = read_dense(ctx, 2 + n, xshape.size() >= 2 ? xshape[xshape.size() - 2] : 0, a.positions);
+      a.dense = read_dense(ctx, 2 + n, positions_of(xshape), a.positions);
     cuda_launch(ctx, a);
   }
 };
