@@ -640,8 +640,9 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     assert b["kernel"] == [] and 0 < b["realized_sparsity_decode"] < 1
     assert b["prefill_tokens"] == 256 and all(v > 0 for v in b["prefill_ms"].values())
     assert b["weight_bytes_per_token"]["sparse"] < b["weight_bytes_per_token"]["dense"]
-    spread = b["decode_speedup_per_burst"]  # 4 timed steps after 1 warm-up, bursts of 8: one burst
-    assert spread["bursts"] == 1 and spread["min"] == spread["median"] == spread["max"] > 0
+    # 4 timed steps in two halves of 2, each after 1 warm-up step, bursts of 8: one burst per half
+    spread = b["decode_speedup_per_burst"]
+    assert spread["bursts"] == 2 and 0 < spread["min"] <= spread["median"] <= spread["max"]
 
     r = run_sub(["env", "--json"])
     e = as_json(r.stdout)
@@ -782,6 +783,7 @@ def test_the_floor_variant_closes_every_gate_and_nothing_else(family_artifacts, 
 def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_path):
     from exporters.onnx.export import export_onnx
     from wina_cli.bench.speed import round_ratios, time_decode
+    from wina_cli.onnx_runtime import OnnxDecoder
 
     export_onnx(str(family_artifacts["llama"]), str(tmp_path / "onnx"))
     ids = np.array([3, 5, 7, 11], np.int64)
@@ -789,21 +791,25 @@ def test_decode_timing_takes_turns_and_times_what_it_says(family_artifacts, tmp_
                        prefill_ids=np.resize(ids, 32))
     for r in runs.values():
         assert r.prefill_ms > 0
-        # 5 timed steps: bursts of 3 whose first step is never timed, after 2 warm-up steps
+        # 5 timed steps in two halves (3, then 2), each after 2 warm-up steps, in bursts of 3 whose first step
+        # is never timed: half one times 1 + 2, half two 1 + 1
         assert r.steps == 5 and r.ms_per_token > 0 and r.peak_rss_mb > 0
-        assert len(r.tokens) == 1 + 9  # the prefill's token, then 3 bursts (timed: 1 + 2 + 2)
-        assert len(r.round_ms) == 3 and all(ms > 0 for ms in r.round_ms)
+        assert len(r.tokens) == 1 + 12  # the prefill's token, then 2 bursts in each half
+        assert len(r.round_ms) == 4 and all(ms > 0 for ms in r.round_ms)
     assert runs["a"].tokens == runs["b"].tokens  # the same greedy decode, whichever turn it ran in
+    # the second half's sessions resume the decode: the tokens are one uninterrupted greedy decode's
+    assert runs["a"].tokens == OnnxDecoder(tmp_path / "onnx", "cpu").greedy(ids, 13)
     ratios = round_ratios(runs["a"], runs["b"])
-    assert len(ratios) == 3 and ratios[0] == runs["a"].round_ms[0] / runs["b"].round_ms[0]
+    assert len(ratios) == 4 and ratios[0] == runs["a"].round_ms[0] / runs["b"].round_ms[0]
 
 
-def test_decode_timing_reverses_the_turns_every_round(family_artifacts, tmp_path, monkeypatch):
+def test_decode_timing_reverses_the_turns_and_the_order_sessions_are_made(family_artifacts, tmp_path,
+                                                                           monkeypatch):
     from exporters.onnx.export import export_onnx
     from wina_cli.bench import speed
 
     export_onnx(str(family_artifacts["llama"]), str(tmp_path / "onnx"))
-    calls = []
+    calls, made = [], []
 
     class Recording(speed.OnnxDecoder):
         def step(self, *a, **k):
@@ -813,6 +819,7 @@ def test_decode_timing_reverses_the_turns_every_round(family_artifacts, tmp_path
     def make(folder, *a, **k):
         dec = Recording(folder, *a, **k)
         dec.label = Path(folder).name
+        made.append(dec.label)
         return dec
 
     for name in ("a", "b"):
@@ -820,9 +827,13 @@ def test_decode_timing_reverses_the_turns_every_round(family_artifacts, tmp_path
     monkeypatch.setattr(speed, "OnnxDecoder", make)
     speed.time_decode({"a": tmp_path / "a", "b": tmp_path / "b"}, np.array([3, 5, 7], np.int64), steps=4, warmup=0,
                       burst=2)
-    # the first pass runs each export alone (warm-up 0: no steps); then bursts of 2: a b | b a | a b ...
+    # a first pass runs each export alone; then the timed halves, whose sessions are made in opposite orders
+    assert made == ["a", "b", "a", "b", "b", "a"]
+    # warm-up 0: the first pass runs no steps. Bursts of 2 timing one step each, 2 timed steps per half:
+    # a b | b a, then b a | a b
     bursts = [calls[i] for i in range(0, len(calls), 2)]
-    assert bursts[:4] == ["a", "b", "b", "a"] and all(calls[i] == calls[i + 1] for i in range(0, len(calls), 2))
+    assert bursts == ["a", "b", "b", "a", "b", "a", "a", "b"]
+    assert all(calls[i] == calls[i + 1] for i in range(0, len(calls), 2))
 
 
 def test_a_quiet_export_does_not_spin(family_artifacts, tmp_path, monkeypatch):
@@ -861,6 +872,27 @@ def test_kernel_microbenchmark_reports_ratios():
     for r in rows:
         assert r["speedup"] > 0 and r["dense_ms"] > 0 and r["ideal"] >= 1.0
     assert abs(rows[1]["realized_sparsity"] - 0.5) < 0.05
+
+
+def test_kernel_microbenchmark_makes_its_sessions_in_both_orders(monkeypatch):
+    """Half the timed rounds run on sessions made dense first, half on sessions made in the reverse order."""
+    import onnx
+    import onnxruntime as ort
+
+    from wina_cli.bench.speed import kernel_bench
+
+    made, original = [], ort.InferenceSession
+
+    def record(model, *a, **k):
+        node = onnx.load_from_string(model).graph.node[0]
+        made.append("dense" if node.op_type == "MatMul" else
+                    round(float(next(x.f for x in node.attribute if x.name == "threshold")), 6))
+        return original(model, *a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", record)
+    kernel_bench(shapes=((64, 96),), sparsities=(0.25, 0.75), reps=8, n_inputs=4)
+    assert len(made) == 6 and made[0] == "dense" and made[3:] == made[:3][::-1]
+    assert made[1] < made[2]  # sparsity 0.25 before 0.75
 
 
 def test_kernel_shapes_are_read_or_refused():

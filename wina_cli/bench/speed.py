@@ -80,6 +80,12 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     alike. The first step of a burst is not timed: the previous export's pool threads may still be spinning on the
     cores. Peak memory is read in a first pass that runs each export alone (prefill and warm-up), where the
     high-water mark is its own.
+    The timed steps come in two halves whose sessions are created in opposite orders: the session created first
+    ran slower. Session 20, the same export under two labels, created in one order for the whole run: the first
+    created was 0-7% slower per token (median 4%, 6 of 6 runs; `wina bench` on such a pair read 1.02-1.03x), so
+    `wina bench`, which made the dense export's session first, read in favour of the sparse export. The second
+    half's sessions prefill the prompt and every token decoded so far, so the decode continues where the first
+    half stopped, over the same context lengths as one run.
     `prefill_ids`, if given, is a longer prompt whose prefill is timed afterwards, exports again taking turns
     (`prefill_rounds` each, after one untimed).
     `quiet`: labels of exports whose threads sleep when idle instead of spinning. ONNX Runtime's threads spin
@@ -90,8 +96,8 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
     middle measured 1.19-1.36x against its dense export where the pair alone measured 1.33-1.41x (4 of 4 lower,
     session 19); quiet, 1.396-1.413x."""
     memory = {}
-    # room in a shared KV cache for every step an export runs (timed, warm-up, a burst's untimed first steps)
-    capacity = len(prompt_ids) + 2 * (warmup + steps) + burst
+    # room in a shared KV cache for every step an export runs (timed, both halves' warm-up, untimed first steps)
+    capacity = len(prompt_ids) + 2 * (2 * warmup + steps) + 2 * burst
     for label, folder in folders.items():
         gc.collect()
         reset_peak_rss()
@@ -104,44 +110,52 @@ def time_decode(folders: dict[str, str | Path], prompt_ids: np.ndarray, steps: i
         memory[label] = peak_rss_mb()
         del dec, cache
     gc.collect()
+    labels = list(folders)
+    runs = {label: {"tokens": [], "times": [], "bursts": []} for label in labels}
     state = {}
-    for label, folder in folders.items():
-        dec = OnnxDecoder(folder, "cpu", threads=threads, spin=label not in quiet)
-        logits, cache, mask = dec.prefill(prompt_ids[None, :], capacity=capacity)
-        tok = int(logits[0, -1].argmax())
-        state[label] = {"dec": dec, "cache": cache, "mask": mask, "tokens": [tok], "times": [], "bursts": []}
-    ran = 0  # steps each export has run
-    labels = list(state)
-    while min(len(st["times"]) for st in state.values()) < steps:
-        for st in (state[k] for k in in_turns(labels, ran // burst)):
-            st["bursts"].append([])
-            for i in range(burst):
-                t = time.perf_counter()
-                logits, st["cache"], st["mask"] = st["dec"].step(np.array([st["tokens"][-1]]), st["cache"],
-                                                                 st["mask"])
-                dt = time.perf_counter() - t
-                st["tokens"].append(int(logits[0].argmax()))
-                if ran + i >= warmup and i > 0 and len(st["times"]) < steps:
-                    st["times"].append(dt)
-                    st["bursts"][-1].append(dt)
-        ran += burst
-    prefill = {label: [] for label in state}
+    for order, goal in ((labels, steps - steps // 2), (labels[::-1], steps)):
+        state.clear()
+        gc.collect()
+        for label in order:
+            dec = OnnxDecoder(folders[label], "cpu", threads=threads, spin=label not in quiet)
+            done = runs[label]["tokens"]
+            # the second half's session resumes the decode: the last token is fed by its first step
+            ids = np.concatenate([prompt_ids, np.asarray(done[:-1], np.int64)])
+            logits, cache, mask = dec.prefill(ids[None, :], capacity=capacity)
+            if not done:
+                done.append(int(logits[0, -1].argmax()))
+            state[label] = {"dec": dec, "cache": cache, "mask": mask}
+        ran = 0  # steps each export has run in this half
+        while min(len(r["times"]) for r in runs.values()) < goal:
+            for label in in_turns(order, ran // burst):
+                st, run = state[label], runs[label]
+                run["bursts"].append([])
+                for i in range(burst):
+                    t = time.perf_counter()
+                    logits, st["cache"], st["mask"] = st["dec"].step(np.array([run["tokens"][-1]]), st["cache"],
+                                                                     st["mask"])
+                    dt = time.perf_counter() - t
+                    run["tokens"].append(int(logits[0].argmax()))
+                    if ran + i >= warmup and i > 0 and len(run["times"]) < goal:
+                        run["times"].append(dt)
+                        run["bursts"][-1].append(dt)
+            ran += burst
+    prefill = {label: [] for label in labels}
     if prefill_ids is not None:
         for r in range(prefill_rounds + 1):
             for label in in_turns(labels, r):
-                st = state[label]
                 t = time.perf_counter()
-                st["dec"].prefill(prefill_ids[None, :])
+                state[label]["dec"].prefill(prefill_ids[None, :])
                 if r > 0:
                     prefill[label].append((time.perf_counter() - t) * 1e3)
     out = {}
-    for label, st in state.items():
-        med = statistics.median(st["times"])
-        out[label] = DecodeResult(label, med * 1e3, 1.0 / med, len(st["times"]),
+    for label, run in runs.items():
+        med = statistics.median(run["times"])
+        out[label] = DecodeResult(label, med * 1e3, 1.0 / med, len(run["times"]),
                                   statistics.median(prefill[label]) if prefill[label] else None, memory[label],
-                                  st["dec"].info.native_library, st["tokens"],
-                                  [statistics.median(b) * 1e3 for b in st["bursts"] if b])
-    del state
+                                  state[label]["dec"].info.native_library, run["tokens"],
+                                  [statistics.median(b) * 1e3 for b in run["bursts"] if b])
+    state.clear()
     gc.collect()
     return out
 
@@ -255,8 +269,8 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
         xs = [rng.standard_normal((1, 1, n_in), dtype=np.float32) for _ in range(n_inputs)]
         pooled = np.abs(np.concatenate([x.ravel() for x in xs]))
         thresholds = [float(np.quantile(pooled, s)) if s > 0 else -1.0 for s in sparsities]
-        sessions = []
-        for thr in (None, *thresholds):
+
+        def make(thr):
             so = ort.SessionOptions()
             # Several sessions are alive at once, each with its own pool: idle workers must sleep, not spin on
             # the cores the running session needs.
@@ -265,21 +279,31 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
                 so.intra_op_num_threads = threads
             if thr is not None:
                 so.register_custom_ops_library(str(lib))
-            sessions.append(ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
-                                                 providers=["CPUExecutionProvider"]))
+            return ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
+                                        providers=["CPUExecutionProvider"])
+
         # Rounds of bursts: each session in turn runs every input once; the first calls of a burst are not
-        # timed, since the previous session's pool threads may still be spinning on the same cores.
-        times = [[] for _ in sessions]
+        # timed, since the previous session's pool threads may still be spinning on the same cores. Two halves
+        # whose sessions are made in opposite orders, as in time_decode: in a decode, the session made first ran
+        # slower.
+        gates = (None, *thresholds)
+        order = list(range(len(gates)))
+        times = [[] for _ in gates]
         rounds = max(1, reps // len(xs))
-        for r in range(-1, rounds):  # round -1 warms up
-            for i in in_turns(list(range(len(sessions))), r):
-                sess = sessions[i]
-                for j, x in enumerate(xs):
-                    t = time.perf_counter()
-                    sess.run(None, {"X": x})
-                    if r >= 0 and j >= 2:
-                        times[i].append((time.perf_counter() - t) / copies)
-        del sessions
+        for half_order, half_rounds in ((order, rounds - rounds // 2), (order[::-1], max(1, rounds // 2))):
+            sessions = [None] * len(gates)
+            for i in half_order:
+                sessions[i] = make(gates[i])
+            for r in range(-1, half_rounds):  # round -1 warms up
+                for i in in_turns(half_order, r):
+                    sess = sessions[i]
+                    for j, x in enumerate(xs):
+                        t = time.perf_counter()
+                        sess.run(None, {"X": x})
+                        if r >= 0 and j >= 2:
+                            times[i].append((time.perf_counter() - t) / copies)
+            del sessions, sess
+            gc.collect()
         dense_ms = statistics.median(times[0]) * 1e3
         for s, thr, ts in zip(sparsities, thresholds, times[1:]):
             ms = statistics.median(ts) * 1e3
