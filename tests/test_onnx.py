@@ -200,6 +200,35 @@ def test_fused_gated_matmul_matches_each_projection(use_native, wdtype, dense_ro
                     assert np.all(got[p] == 0.0), what
 
 
+@pytest.mark.parametrize("wdtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dense_rows", [False, True], ids=["plain", "dense-rows"])
+@pytest.mark.parametrize("rows", [(2, 40), (1, 70)], ids=["batch", "prompt"])
+def test_fused_prefill_of_projections_that_nearly_agree(wdtype, dense_rows, rows):
+    """Many rows, one scale, thresholds equal or a fraction of a percent apart (TEAL with one sparsity): the
+    native kernel runs one product of X and the whole of W, then adds the channels only some projections keep.
+    Each output must still be its own projection's gated product."""
+    rng = np.random.default_rng(len(rows) + int(dense_rows))
+    n_in, outs = 96, [80, 24, 24]
+    x = rng.standard_normal((*rows, n_in)).astype(np.float32)
+    wtype = TensorProto.FLOAT if wdtype == np.float32 else TensorProto.FLOAT16
+    ws = [rng.standard_normal((n_in, o)).astype(wdtype) for o in outs]
+    scale = np.ones(n_in, np.float32)
+    half = float(np.median(np.abs(x)))
+    dense = np.resize(np.array([True, False, False, False]), rows[-1])
+    for thresholds in ([half] * 3, [half, half * 1.004, half * 0.997], [-np.inf, half, half * 1.002]):
+        feeds = {"X": x, "W": np.concatenate(ws, axis=1), **{f"scale{p}": scale for p in range(3)}}
+        if dense_rows:
+            feeds["dense"] = dense
+        native_out = _run_all(_fused_model(n_in, outs, wtype, thresholds, dense_rows), True, feeds)
+        for p, (w, thr) in enumerate(zip(ws, thresholds)):
+            keep = np.abs(x) > thr
+            if dense_rows:
+                keep = keep | dense[:, None]
+            ref = (x * keep) @ w.astype(np.float32)
+            np.testing.assert_allclose(native_out[p], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max() + 1e-5,
+                                       err_msg=f"projection {p}, thresholds {thresholds}")
+
+
 def _run_all(model: bytes, use_native: bool, feeds: dict) -> list[np.ndarray]:
     so = ort.SessionOptions()
     if use_native:

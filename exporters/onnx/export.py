@@ -112,8 +112,13 @@ def _check(label: str, cmp: dict, tol: float, what: str) -> None:
             "report this with the artifact's recipe; `--debug` shows where it was raised")
 
 
+# Validation prompt: 2 x 40 tokens, so the prefill is a call of 80 rows, which takes the native kernels' many-row
+# path (a GEMM on masked X, from 64 rows); the decode steps take the row-gathering one.
+PROMPT_TOKENS = 40
+
+
 def validate(model_path: Path, rt: Runtime, gated: list[tuple[int, str, str]], seed: int, decode_steps: int,
-             batch: int = 2, prompt_len: int = 12, log=lambda m: None) -> dict:
+             batch: int = 2, prompt_len: int = PROMPT_TOKENS, log=lambda m: None) -> dict:
     """Dense graphs: logits and greedy tokens against the torch runtime. Sparse graphs: a threshold gate is
     discontinuous, so float rounding that differs between two correct implementations flips channels sitting on
     a threshold and, through later layers, moves the logits by far more than rounding does; comparing free-running
