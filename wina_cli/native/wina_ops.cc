@@ -49,14 +49,38 @@ void keep_all(const float* x, int64_t n, Kept& out) {
   for (int64_t i = 0; i < n; ++i) out.idx[i] = static_cast<int32_t>(i);
 }
 
+// Room past the end of a list of kept channels for a whole vector store.
+constexpr int64_t kListSlack = 16;
+
+#if defined(__AVX512F__)
+// Appends the lanes of `mask` (channel indices `lane`, values `v`) to a list at `count`, in lane order. The
+// compress is done in a register and stored whole (a compressing store to memory is slow on some cores); the
+// list has kListSlack entries of room for the lanes past the kept ones.
+inline void append_lanes(Kept& k, int64_t& count, __mmask16 mask, __m512i lane, __m512 v) {
+  _mm512_storeu_si512(k.idx.data() + count, _mm512_maskz_compress_epi32(mask, lane));
+  _mm512_storeu_ps(k.val.data() + count, _mm512_maskz_compress_ps(mask, v));
+  count += _mm_popcnt_u32(mask);
+}
+#endif
+
 void keep_threshold(const float* x, const float* scale, int64_t n, float thr, Kept& out) {
   // Branch-free: about half the channels pass, at random, so a branch would mispredict on every other one.
-  out.idx.resize(n);
-  out.val.resize(n);
+  out.idx.resize(n + kListSlack);
+  out.val.resize(n + kListSlack);
   int32_t* idx = out.idx.data();
   float* val = out.val.data();
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t m = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)), t = _mm512_set1_ps(thr);
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 score = _mm512_mul_ps(_mm512_and_ps(v, magnitude), _mm512_loadu_ps(scale + i));
+    append_lanes(out, m, _mm512_cmp_ps_mask(score, t, _CMP_GT_OQ), lane, v);
+    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+  }
+#endif
+  for (; i < n; ++i) {
     idx[m] = static_cast<int32_t>(i);
     val[m] = x[i];
     m += std::fabs(x[i]) * scale[i] > thr;
@@ -636,13 +660,36 @@ void fused_task(const FusedJob& job, size_t t) {
   // the channels pass, at random).
   thread_local std::vector<Kept> lists;  // [0]: whole rows; [1 + p]: projection p's column block only
   lists.resize(static_cast<size_t>(n + 1));
-  for (auto& k : lists) {
-    k.idx.resize(static_cast<size_t>(c1 - c0));
-    k.val.resize(static_cast<size_t>(c1 - c0));
+  for (auto& k : lists) {  // kListSlack: a vector store may write a whole vector past the last kept channel
+    k.idx.resize(static_cast<size_t>(c1 - c0 + kListSlack));
+    k.val.resize(static_cast<size_t>(c1 - c0 + kListSlack));
   }
   const uint32_t all = (1u << n) - 1;
   int64_t count[4] = {0, 0, 0, 0};
-  for (int64_t c = c0; c < c1; ++c) {
+  int64_t c = c0;
+#if defined(__AVX512F__)
+  // 16 channels at a time: each projection's mask by one compare, the lists written by compressing the kept lanes.
+  // The listing is most of a call's fixed cost: a fused q/k/v node whose gates drop everything took 3.7 us in a
+  // chain of such nodes, 5.6 us with the scalar loop below alone (a 576 x 16 MatMul: 1.9 us; session 20).
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c0)),
+                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (; c + 16 <= c1; c += 16) {
+    const __m512 v = _mm512_loadu_ps(x + c), a = _mm512_and_ps(v, magnitude);
+    __mmask16 keep[3] = {0xffff, 0xffff, 0xffff};
+    __mmask16 whole = 0xffff;
+    for (int64_t p = 0; p < n; ++p) {
+      if (!dense_row)
+        keep[p] = _mm512_cmp_ps_mask(_mm512_mul_ps(a, _mm512_loadu_ps(scale[p] + c)), _mm512_set1_ps(thr[p]),
+                                     _CMP_GT_OQ);
+      whole &= keep[p];
+    }
+    append_lanes(lists[0], count[0], whole, lane, v);
+    for (int64_t p = 0; p < n; ++p) append_lanes(lists[1 + p], count[1 + p], keep[p] & ~whole, lane, v);
+    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+  }
+#endif
+  for (; c < c1; ++c) {
     const float v = x[c], a = std::fabs(v);
     uint32_t keep = 0;
     for (int64_t p = 0; p < n; ++p) keep |= static_cast<uint32_t>(dense_row || a * scale[p][c] > thr[p]) << p;
