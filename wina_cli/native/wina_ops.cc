@@ -728,7 +728,6 @@ struct FusedKernel : KernelBase {
     uint32_t keep;
   };
   std::vector<Partly> partly;
-  std::vector<float> wide_y;  // [rows, width]: the one product of X and the whole of W
 
   FusedKernel(const OrtKernelInfo* info, int64_t n) : KernelBase(info) {
     read_fused_attributes(info, n, thresholds, offsets);
@@ -795,6 +794,9 @@ struct FusedKernel : KernelBase {
       wide = float_block(ops.w.GetTensorRawData(), true, in, width, 0, width);
       w_value = static_cast<const OrtValue*>(wide);
     }
+    // [rows, width], the one product: one buffer per calling thread, as masked_scratch, so a long prompt's
+    // product is not kept alive by every fused node
+    thread_local std::vector<float> wide_y;
     wide_y.resize(static_cast<size_t>(nrows * width));
     std::vector<int64_t> yshape(ops.xshape);
     yshape.back() = width;
