@@ -816,13 +816,13 @@ struct FusedKernel : KernelBase {
         if (!((e.keep >> p) & 1u)) continue;
         const int64_t o0 = offsets[p], out = offsets[p + 1] - o0;
         float* dst = yp[p] + e.row * out;
-        if (ops.f16) {
-          const uint16_t* w = static_cast<const uint16_t*>(ops.w.GetTensorRawData()) + e.channel * width + o0;
-          for (int64_t j = 0; j < out; ++j) dst[j] += v * half_to_float(w[j]);
-        } else {
-          const float* w = static_cast<const float*>(ops.w.GetTensorRawData()) + e.channel * width + o0;
-          for (int64_t j = 0; j < out; ++j) dst[j] += v * w[j];
-        }
+        auto add_row = [&](const auto* w) {
+          for (int64_t j = 0; j < out; ++j) dst[j] += v * widen(w[e.channel * width + o0 + j]);
+        };
+        if (ops.f16)
+          add_row(static_cast<const uint16_t*>(ops.w.GetTensorRawData()));
+        else
+          add_row(static_cast<const float*>(ops.w.GetTensorRawData()));
       }
     }
     return true;
