@@ -236,6 +236,57 @@ def _run_all(model: bytes, use_native: bool, feeds: dict) -> list[np.ndarray]:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+@pytest.mark.parametrize("tasks", ["1", "2", "3", "7", "64"])
+def test_a_one_row_product_split_into_any_number_of_tasks(tasks, monkeypatch):
+    """The native kernels split a one-row product into WINA_TASKS tasks (one per thread of the pool), each a slice
+    of the kept channels with a partial result: any count, uneven slices and more tasks than kept channels
+    included, gives the reference product; two rows take a task each."""
+    monkeypatch.setenv(native.TASKS_ENV, tasks)
+    rng = np.random.default_rng(int(tasks))
+    for n_in, outs in ((130, [40, 9, 9]), (17, [5, 3])):
+        ws = [rng.standard_normal((n_in, o)).astype(np.float32) for o in outs]
+        scales = [rng.random(n_in).astype(np.float32) + 0.1 for _ in outs]
+        for shape in ((1, 1, n_in), (1, 2, n_in)):
+            x = rng.standard_normal(shape).astype(np.float32)
+            thresholds = [float(np.median(np.abs(x) * s)) for s in scales]
+            feeds = {"X": x, "W": np.concatenate(ws, axis=1), **{f"scale{p}": s for p, s in enumerate(scales)}}
+            got = _run_all(_fused_model(n_in, outs, TensorProto.FLOAT, thresholds, False), True, feeds)
+            single = _run(_op_model(onnx_ops.GATED, n_in, outs[0], TensorProto.FLOAT, threshold=thresholds[0]),
+                          True, {"X": x, "W": ws[0], "scale": scales[0]})
+            for p, (w, sc, thr) in enumerate(zip(ws, scales, thresholds)):
+                ref, _ = _reference(x, w, sc, threshold=thr)
+                tol = {"rtol": 1e-4, "atol": 1e-4 * np.abs(ref).max() + 1e-5}
+                np.testing.assert_allclose(got[p], ref, **tol, err_msg=f"fused, projection {p}, {shape}")
+                if p == 0:
+                    np.testing.assert_allclose(single, ref, **tol, err_msg=f"single, {shape}")
+
+
+def test_the_task_count_is_checked_and_set_from_the_pool_size(monkeypatch, tmp_path):
+    from wina_cli.errors import ConfigError
+    from wina_cli.onnx_runtime import make_session
+
+    model = tmp_path / "op.onnx"
+    model.write_bytes(_op_model(onnx_ops.GATED, 16, 8, TensorProto.FLOAT, threshold=0.5))
+    monkeypatch.delenv(native.TASKS_ENV, raising=False)
+    with native.task_count(3):  # wina sizing the pool itself: one task per thread, only while sessions are made
+        assert native.os.environ[native.TASKS_ENV] == "3"
+    assert native.TASKS_ENV not in native.os.environ
+    sess, info = make_session(model, threads=1)
+    assert info.native_library and native.TASKS_ENV not in native.os.environ
+    x = np.ones((1, 1, 16), np.float32)
+    assert sess.run(None, {"X": x, "W": np.ones((16, 8), np.float32), "scale": np.ones(16, np.float32)})[0].shape == (1, 1, 8)
+    for bad in ("0", "abc", "2 ", "100000"):
+        monkeypatch.setenv(native.TASKS_ENV, bad)
+        with pytest.raises(ConfigError, match="is not a task count"):
+            make_session(model)
+        # the library reads it when its kernels are made, and refuses it as well
+        with pytest.raises(Exception, match="WINA_TASKS"):
+            _run(model.read_bytes(), True, {"X": x, "W": np.ones((16, 8), np.float32), "scale": np.ones(16, np.float32)})
+    monkeypatch.setenv(native.TASKS_ENV, "5")  # a user's own count is kept, whatever the pool
+    with native.task_count(2):
+        assert native.os.environ[native.TASKS_ENV] == "5"
+
+
 # -- graphs of every family --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def family_artifacts(tmp_path_factory):

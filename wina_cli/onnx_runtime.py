@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import native
-from .errors import ArtifactError, NotAvailableError
+from .errors import ArtifactError, NotAvailableError, WinaError
 
 ONNX_MODEL = "model.onnx"
 ONNX_MANIFEST = "wina_onnx.json"
@@ -100,7 +101,10 @@ def make_session(model_path: str | Path, provider: str = "cpu", use_native: bool
         # A provider that cannot load logs a page of errors from ONNX Runtime; wina reports it in one line below.
         ort.set_default_logger_severity(4)
     try:
-        sess = ort.InferenceSession(str(model_path), so, providers=wanted)
+        with native.task_count(threads) if lib is not None else nullcontext():
+            sess = ort.InferenceSession(str(model_path), so, providers=wanted)
+    except WinaError:
+        raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise ArtifactError(f"ONNX Runtime cannot load '{model_path}'", str(e).splitlines()[0][:300],
                             "re-export the model with `wina export --format onnx`") from e

@@ -23,10 +23,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
 #include <vector>
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #if defined(__F16C__) && defined(__AVX2__)
 #include <immintrin.h>
@@ -409,6 +418,56 @@ const bool* read_dense(Ort::KernelContext& ctx, size_t index, int64_t seq, int64
   return d.GetTensorData<bool>();
 }
 
+// The physical cores this process may run on: on Linux the distinct (package, core) pairs among the CPUs of its
+// affinity mask, elsewhere (or where sysfs does not say) the logical CPUs.
+int64_t physical_cores() {
+  const int64_t logical = std::max<int64_t>(1, std::thread::hardware_concurrency());
+#ifdef __linux__
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return logical;
+  std::set<std::pair<long, long>> cores;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (!CPU_ISSET(c, &mask)) continue;
+    long id[2];
+    const char* field[] = {"physical_package_id", "core_id"};
+    for (int k = 0; k < 2; ++k) {
+      const std::string path = "/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/" + field[k];
+      FILE* f = std::fopen(path.c_str(), "r");
+      const bool read = f != nullptr && std::fscanf(f, "%ld", &id[k]) == 1;
+      if (f != nullptr) std::fclose(f);
+      if (!read) return std::max<int64_t>(1, CPU_COUNT(&mask));
+    }
+    cores.emplace(id[0], id[1]);
+  }
+  return cores.empty() ? logical : static_cast<int64_t>(cores.size());
+#else
+  return logical;
+#endif
+}
+
+// How many tasks a one-row product is split into: one per thread of ONNX Runtime's intra-op pool, which by default
+// has a thread per physical core (the custom-op API does not tell a kernel its pool's size). WINA_TASKS overrides
+// it for a pool of another size (wina sets it when it sizes the pool itself). Each task is a slice of the kept
+// rows with a partial Y of its own, and each starts its row prefetches cold, so a task more than the pool has
+// threads costs without parallelism. Session 21, decoding the fast config on 2 cores with this library and with
+// one that split every call in four (the former fixed count), the two in one process's turns: the four-way build
+// took 0.992-1.041 times as long per token (median 1.017; longer in 12 of 16 runs, even in 2), where two copies of
+// one build differed by 1.2% and 2.7%. A fixed count also left the threads of a larger pool idle.
+int64_t pool_tasks() {
+  if (const char* v = std::getenv("WINA_TASKS")) {
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || n < 1 || n > 1024)
+      ORT_CXX_API_THROW(std::string("WINA_TASKS='") + v +
+                            "' is not a task count: set it to an integer from 1 to 1024 (the intra-op threads), or "
+                            "unset it to use one task per physical core",
+                        ORT_INVALID_ARGUMENT);
+    return n;
+  }
+  static const int64_t cores = physical_cores();
+  return cores;
+}
+
 // Rows from which a float32 call runs as a GEMM on masked X (below about 64 rows gathering was faster).
 constexpr int64_t kGemmRows = 64;
 
@@ -416,6 +475,7 @@ constexpr int64_t kGemmRows = 64;
 // so is a many-row call once X's dropped channels are zeroed).
 struct KernelBase {
   Ort::Op matmul{nullptr};
+  int64_t tasks = pool_tasks();  // a one-row call's tasks
 
   explicit KernelBase(const OrtKernelInfo* info) {
     const char* names[] = {"T"};
@@ -576,9 +636,8 @@ struct GatedKernel : KernelBase {
     }
     // Each task sums whole weight rows (long contiguous reads, which the hardware prefetcher streams well) of a
     // slice of one row's kept channels into its own partial Y; the partials are added up afterwards. A single
-    // token is split kTasks ways so the pool stays busy; a prefill has a task per row already.
-    constexpr int64_t kTasks = 4;
-    const int64_t out = args.out, parts = std::max<int64_t>(1, kTasks / nrows);
+    // token is split `tasks` ways so every thread of the pool has a share; several rows get a task each.
+    const int64_t out = args.out, parts = std::max<int64_t>(1, tasks / nrows);
     float* yp = args.y;
     if (parts > 1) partial.resize(static_cast<size_t>(nrows * parts * out));
     Job job{&rows, args.w, args.f16, yp, parts > 1 ? partial.data() : nullptr, out, parts};
@@ -872,9 +931,9 @@ struct FusedKernel : KernelBase {
       }
       return;
     }
-    // A single token is split into kTasks channel ranges so the pool stays busy; several rows get a task each.
-    constexpr int64_t kTasks = 4;
-    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(kTasks / nrows, in));
+    // A single token is split into `tasks` channel ranges, a share for every thread of the pool; several rows get
+    // a task each.
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(tasks / nrows, in));
     partial.resize(static_cast<size_t>(nrows * slices * width));
     FusedJob job{xp, in, wv.GetTensorRawData(), f16, width, &offsets, &scales, &thresholds, dense, positions,
                  slices, partial.data()};
