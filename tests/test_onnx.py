@@ -273,15 +273,15 @@ def test_the_task_count_is_checked_and_set_from_the_pool_size(monkeypatch, tmp_p
     assert native.TASKS_ENV not in native.os.environ
     sess, info = make_session(model, threads=1)
     assert info.native_library and native.TASKS_ENV not in native.os.environ
-    x = np.ones((1, 1, 16), np.float32)
-    assert sess.run(None, {"X": x, "W": np.ones((16, 8), np.float32), "scale": np.ones(16, np.float32)})[0].shape == (1, 1, 8)
+    feeds = {"X": np.ones((1, 1, 16), np.float32), "W": np.ones((16, 8), np.float32), "scale": np.ones(16, np.float32)}
+    np.testing.assert_allclose(sess.run(None, feeds)[0], np.full((1, 1, 8), 16.0))
     for bad in ("0", "abc", "2 ", "100000"):
         monkeypatch.setenv(native.TASKS_ENV, bad)
         with pytest.raises(ConfigError, match="is not a task count"):
             make_session(model)
         # the library reads it when its kernels are made, and refuses it as well
         with pytest.raises(Exception, match="WINA_TASKS"):
-            _run(model.read_bytes(), True, {"X": x, "W": np.ones((16, 8), np.float32), "scale": np.ones(16, np.float32)})
+            _run(model.read_bytes(), True, feeds)
     monkeypatch.setenv(native.TASKS_ENV, "5")  # a user's own count is kept, whatever the pool
     with native.task_count(2):
         assert native.os.environ[native.TASKS_ENV] == "5"
