@@ -3,6 +3,7 @@ against the torch runtime, the fallback without the native library, failing vali
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -727,6 +728,10 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     r = run_sub(["env", "--json"])
     e = as_json(r.stdout)
     assert e["native_kernels"] and e["native_kernels_load"] is True
+    assert isinstance(e["native_tasks_per_call"], int) and 1 <= e["native_tasks_per_call"] <= os.cpu_count()
+    assert as_json(run_sub(["env", "--json"], extra_env={native.TASKS_ENV: "3"}).stdout)["native_tasks_per_call"] == 3
+    e = as_json(run_sub(["env", "--json"], extra_env={native.TASKS_ENV: "x"}).stdout)
+    assert "not a task count" in e["native_tasks_per_call"]
 
 
 def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, tmp_path):

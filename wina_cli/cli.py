@@ -1016,7 +1016,25 @@ def _native_status() -> dict:
             status["native_kernels_load"] = True
         except Exception as e:  # noqa: BLE001 - report, do not fail: env is a diagnostic
             status["native_kernels_load"] = f"no: {e}"
+        status["native_tasks_per_call"] = _native_tasks(lib)
     return status
+
+
+def _native_tasks(lib) -> int | str | None:
+    """How many tasks the native kernels split a one-row product into (one per thread of ONNX Runtime's pool:
+    the physical cores, or WINA_TASKS), as the library itself counts them; None for a build that cannot say."""
+    import ctypes
+    import os
+
+    from . import native
+
+    try:
+        count = ctypes.CDLL(str(lib)).WinaPoolTasks
+    except (OSError, AttributeError):
+        return None
+    count.restype = ctypes.c_int64
+    n = int(count())
+    return n if n > 0 else f"{native.TASKS_ENV}='{os.environ.get(native.TASKS_ENV)}' is not a task count"
 
 
 @app.command("exit-codes")

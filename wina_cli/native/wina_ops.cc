@@ -1099,4 +1099,13 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
 
 // For tools that want to know what they loaded.
 __attribute__((visibility("default"))) const char* WinaOpsVersion() { return "1"; }
+
+// The tasks a kernel made now would split a one-row product into (`wina env`); -1 when WINA_TASKS is no count.
+__attribute__((visibility("default"))) int64_t WinaPoolTasks() {
+  try {
+    return pool_tasks();
+  } catch (const Ort::Exception&) {
+    return -1;
+  }
+}
 }
