@@ -980,6 +980,25 @@ def test_kernel_microbenchmark_makes_its_sessions_in_both_orders(monkeypatch):
     assert made[1] < made[2]  # sparsity 0.25 before 0.75
 
 
+def test_kernel_microbenchmark_splits_calls_for_the_pool_it_sizes(monkeypatch):
+    """`--threads N`: the native kernels' sessions are made with WINA_TASKS=N, one task per thread."""
+    import onnxruntime as ort
+
+    from wina_cli.bench.speed import kernel_bench
+
+    seen, original = [], ort.InferenceSession
+
+    def record(model, so, *a, **k):
+        seen.append((so.intra_op_num_threads, native.os.environ.get(native.TASKS_ENV)))
+        return original(model, so, *a, **k)
+
+    monkeypatch.delenv(native.TASKS_ENV, raising=False)
+    monkeypatch.setattr(ort, "InferenceSession", record)
+    kernel_bench(shapes=((64, 96),), sparsities=(0.5,), reps=4, n_inputs=4, threads=1)
+    assert sorted(seen, key=str) == [(1, "1"), (1, "1"), (1, None), (1, None)]  # the sparse ones, the dense ones
+    assert native.TASKS_ENV not in native.os.environ
+
+
 def test_kernel_shapes_are_read_or_refused():
     from wina_cli.bench.speed import KERNEL_SHAPES, kernel_shapes
 

@@ -277,10 +277,13 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if threads:
                 so.intra_op_num_threads = threads
-            if thr is not None:
-                so.register_custom_ops_library(str(lib))
-            return ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
-                                        providers=["CPUExecutionProvider"])
+            if thr is None:
+                return ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
+                                            providers=["CPUExecutionProvider"])
+            so.register_custom_ops_library(str(lib))
+            with native.task_count(threads):  # the kernels split a call into one task per thread of the pool
+                return ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
+                                            providers=["CPUExecutionProvider"])
 
         # Rounds of bursts: each session in turn runs every input once; the first calls of a burst are not
         # timed, since the previous session's pool threads may still be spinning on the same cores. Two halves
