@@ -732,6 +732,8 @@ def test_cli_export_generate_bench_env(family_artifacts, tmp_path):
     assert as_json(run_sub(["env", "--json"], extra_env={native.TASKS_ENV: "3"}).stdout)["native_tasks_per_call"] == 3
     e = as_json(run_sub(["env", "--json"], extra_env={native.TASKS_ENV: "x"}).stdout)
     assert "not a task count" in e["native_tasks_per_call"]
+    e = as_json(run_sub(["env", "--json"], extra_env={native.ENV: "off"}).stdout)
+    assert e["native_kernels"] is None and e["native_tasks_per_call"] is None
 
 
 def test_fused_export_is_benched_against_a_fused_dense_graph(family_artifacts, tmp_path):

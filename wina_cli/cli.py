@@ -1001,7 +1001,7 @@ def _native_status() -> dict:
     lib = native.cpu_library()
     status = {"native_kernels": str(lib) if lib else None, "native_kernels_load": None,
               "native_cuda_kernels": str(native.cuda_library()) if native.cuda_library() else None,
-              "nvcc": shutil.which("nvcc"), "cuda_usable": None}
+              "nvcc": shutil.which("nvcc"), "cuda_usable": None, "native_tasks_per_call": None}
     try:
         from .onnx_runtime import cuda_usable
 
