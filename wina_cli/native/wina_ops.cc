@@ -115,16 +115,24 @@ void keep_topk(const float* x, const float* scale, int64_t n, int64_t k, std::ve
   for (int32_t i : out.idx) out.val.push_back(x[i]);
 }
 
+// While a sweep reads bytes [b, b + 64) of its eight rows, the same line of eight rows further down the kept list
+// (`pf`) is prefetched into L2: the prefetches go out at the rate the rows are consumed, spread over the sweep.
+inline void prefetch_line(const char* const* pf, int64_t b) {
+  for (int q = 0; q < 8; ++q) __builtin_prefetch(pf[q] + b, 0, 2);
+}
+
 // y[0:out] = sum over a in [a0, a1) of val[a] * W[idx[a], :]. Eight rows per sweep, in two independent FMA
 // chains, so Y is loaded and stored once per eight weight rows and the adds do not wait on each other. Written
 // with intrinsics: the compiler's own vectorization of the same loop read about 10-20% slower at SmolLM2's
 // shapes.
 #if defined(__AVX512F__)
-inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
+inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out,
+                       const char* const* pf) {
   __m512 v[8];
   for (int q = 0; q < 8; ++q) v[q] = _mm512_set1_ps(v8[q]);
   int64_t j = 0;
   auto step = [&](int64_t j, __mmask16 m) {
+    prefetch_line(pf, j * 4);
     __m512 acc = _mm512_maskz_loadu_ps(m, y + j);
     __m512 acc2 = _mm512_mul_ps(v[1], _mm512_maskz_loadu_ps(m, r[1] + j));
     acc = _mm512_fmadd_ps(v[0], _mm512_maskz_loadu_ps(m, r[0] + j), acc);
@@ -140,11 +148,13 @@ inline void sweep8_f32(float* __restrict y, const float* const* r, const float* 
   if (j < out) step(j, static_cast<__mmask16>((1u << (out - j)) - 1));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
+inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out,
+                       const char* const* pf) {
   __m256 v[8];
   for (int q = 0; q < 8; ++q) v[q] = _mm256_set1_ps(v8[q]);
   int64_t j = 0;
   for (; j + 8 <= out; j += 8) {
+    if ((j & 15) == 0) prefetch_line(pf, j * 4);
     __m256 acc = _mm256_loadu_ps(y + j);
     __m256 acc2 = _mm256_mul_ps(v[1], _mm256_loadu_ps(r[1] + j));
     acc = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(r[0] + j), acc);
@@ -161,26 +171,39 @@ inline void sweep8_f32(float* __restrict y, const float* const* r, const float* 
             (v8[4] * r[4][j] + v8[5] * r[5][j]) + (v8[6] * r[6][j] + v8[7] * r[7][j]);
 }
 #else
-inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
-  for (int64_t j = 0; j < out; ++j)
+inline void sweep8_f32(float* __restrict y, const float* const* r, const float* v8, int64_t out,
+                       const char* const* pf) {
+  for (int64_t j = 0; j < out; ++j) {
+    if ((j & 15) == 0) prefetch_line(pf, j * 4);
     y[j] += (v8[0] * r[0][j] + v8[1] * r[1][j]) + (v8[2] * r[2][j] + v8[3] * r[3][j]) +
             (v8[4] * r[4][j] + v8[5] * r[5][j]) + (v8[6] * r[6][j] + v8[7] * r[7][j]);
+  }
 }
 #endif
 
 // Kept rows are scattered, so each is a new memory stream that the hardware prefetcher only picks up after a few
-// misses; the rows two sweeps ahead are prefetched, up to kPrefetchBytes of each, into L2 (prefetcht1), not L1
-// (the likely reason, not measured: L1's few outstanding-miss slots, which the loads of the rows being summed need).
-// Session 8, per op at 50% with 256 MB of weight copies, the sessions' order alternating, against ORT's
-// MatMul: into L1 0.93-0.97x (576 x 192), 1.04-1.22x (576 x 576), 1.09-1.30x (1536 x 576); into L2 1.33-1.54x,
-// 1.29-1.54x, 1.27-1.50x; no prefetch 1.01-1.16x, 1.18-1.35x, 1.24-1.44x (576 x 1536: 1.48-1.66x, all three).
-// Farther ahead (3 or 4 sweeps) measured the same as 2. At Llama shapes L1 and L2 were within 5%.
-constexpr int64_t kPrefetchBytes = 4096;
+// misses. While a sweep reads its eight rows, the rows `ahead` places further down the list are prefetched into L2
+// (prefetcht1), line for line with the reading (prefetch_line), so the prefetches go out at the rate rows are
+// consumed; `ahead` keeps about kAheadBytes of rows in flight, one to two sweeps' worth. The first `ahead` rows are
+// prefetched before the first sweep, up to kPrimeBytes of each.
+// Session 22, against the former scheme (the rows two sweeps ahead prefetched in a block, up to 4 KB of each, before
+// every sweep), per op in chains with 512 MB of weight copies, one process's turns: at Llama-8B's shapes 0.83-0.90
+// times the time at 50% and 0.76-0.90 at 65%; at SmolLM2's (50%, three runs) 576 x 576 0.91-0.97, 576 x 960
+// 0.93-0.95, 576 x 3072 0.81-0.84, 1536 x 576 0.94-1.03; decoding the fast config, 0.93-0.99 (13 of 13 runs
+// faster). Prefetching into L1 (prefetcht0) instead was 6-25% slower than into L2 at SmolLM2's shapes, as in
+// session 8; 8 or 16 rows ahead for every row length measured within noise of each other in decode.
+constexpr int64_t kAheadBytes = 64 * 1024;
+constexpr int64_t kPrimeBytes = 4096;
 
-inline void prefetch_rows(const char* w, int64_t stride_bytes, int64_t row_bytes, const int32_t* idx, size_t a,
-                          size_t a1) {
-  const int64_t n = std::min(row_bytes, kPrefetchBytes);
-  for (size_t q = a; q < std::min(a + 8, a1); ++q) {
+inline size_t rows_ahead(int64_t row_bytes) {
+  return static_cast<size_t>(std::clamp<int64_t>(kAheadBytes / std::max<int64_t>(row_bytes, 1), 8, 16));
+}
+
+// Up to kPrimeBytes of each of the rows of kept entries [a, b).
+inline void prime_rows(const char* w, int64_t stride_bytes, int64_t row_bytes, const int32_t* idx, size_t a,
+                       size_t b) {
+  const int64_t n = std::min(row_bytes, kPrimeBytes);
+  for (size_t q = a; q < b; ++q) {
     const char* r = w + static_cast<int64_t>(idx[q]) * stride_bytes;
     for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(r + off, 0, 2);
   }
@@ -217,7 +240,8 @@ inline float half_to_float(uint16_t h) {
 // GCC 12's _mm512_cvtph_ps starts from an undefined register and warns about it; the value is fully written.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out) {
+inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out,
+                       const char* const* pf) {
   __m512 v[8];
   for (int q = 0; q < 8; ++q) v[q] = _mm512_set1_ps(v8[q]);
   auto ld = [&](int q, int64_t j) {
@@ -225,6 +249,7 @@ inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const floa
   };
   int64_t j = 0;
   for (; j + 16 <= out; j += 16) {
+    if ((j & 31) == 0) prefetch_line(pf, j * 2);
     __m512 acc = _mm512_loadu_ps(y + j);
     __m512 acc2 = _mm512_mul_ps(v[1], ld(1, j));
     acc = _mm512_fmadd_ps(v[0], ld(0, j), acc);
@@ -241,7 +266,8 @@ inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const floa
 }
 #pragma GCC diagnostic pop
 #elif defined(WINA_F16C)
-inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out) {
+inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out,
+                       const char* const* pf) {
   __m256 v[8];
   for (int q = 0; q < 8; ++q) v[q] = _mm256_set1_ps(v8[q]);
   auto ld = [&](int q, int64_t j) {
@@ -249,6 +275,7 @@ inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const floa
   };
   int64_t j = 0;
   for (; j + 8 <= out; j += 8) {
+    if ((j & 31) == 0) prefetch_line(pf, j * 2);
     __m256 acc = _mm256_loadu_ps(y + j);
     __m256 acc2 = _mm256_mul_ps(v[1], ld(1, j));
     acc = _mm256_fmadd_ps(v[0], ld(0, j), acc);
@@ -264,9 +291,12 @@ inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const floa
     for (int q = 0; q < 8; ++q) y[j] += v8[q] * half_to_float(r[q][j]);
 }
 #else
-inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out) {
-  for (int64_t j = 0; j < out; ++j)
+inline void sweep8_f16(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out,
+                       const char* const* pf) {
+  for (int64_t j = 0; j < out; ++j) {
+    if ((j & 31) == 0) prefetch_line(pf, j * 2);
     for (int q = 0; q < 8; ++q) y[j] += v8[q] * half_to_float(r[q][j]);
+  }
 }
 #endif
 
@@ -292,11 +322,12 @@ inline void widen_row(const uint16_t* src, int64_t n, float* dst) {
 #if defined(__AVX512F__)
 #pragma GCC diagnostic pop
 #endif
-inline void sweep8(float* __restrict y, const float* const* r, const float* v8, int64_t out) {
-  sweep8_f32(y, r, v8, out);
+inline void sweep8(float* __restrict y, const float* const* r, const float* v8, int64_t out, const char* const* pf) {
+  sweep8_f32(y, r, v8, out, pf);
 }
-inline void sweep8(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out) {
-  sweep8_f16(y, r, v8, out);
+inline void sweep8(float* __restrict y, const uint16_t* const* r, const float* v8, int64_t out,
+                   const char* const* pf) {
+  sweep8_f16(y, r, v8, out, pf);
 }
 
 // y[0:out] += sum over a in [a0, a1) of val[a] * W[idx[a], 0:out], W float32 or float16 (uint16_t bits) with rows
@@ -310,13 +341,17 @@ void accumulate(float* __restrict y, const T* __restrict w, int64_t stride, int6
   const char* wb = reinterpret_cast<const char*>(w);
   const int64_t stride_bytes = stride * static_cast<int64_t>(sizeof(T));
   const int64_t row_bytes = out * static_cast<int64_t>(sizeof(T));
-  prefetch_rows(wb, stride_bytes, row_bytes, idx, a, a1);
-  prefetch_rows(wb, stride_bytes, row_bytes, idx, a + 8, a1);
+  const size_t ahead = rows_ahead(row_bytes);
+  prime_rows(wb, stride_bytes, row_bytes, idx, a, std::min(a + ahead, a1));
   for (; a + 8 <= a1; a += 8) {
-    prefetch_rows(wb, stride_bytes, row_bytes, idx, a + 16, a1);
     const T* r[8];
-    for (int q = 0; q < 8; ++q) r[q] = w + static_cast<int64_t>(idx[a + q]) * stride;
-    sweep8(y, r, val + a, out);
+    const char* pf[8];  // past the end of the list: the row being read (its lines are on their way already)
+    for (int q = 0; q < 8; ++q) {
+      r[q] = w + static_cast<int64_t>(idx[a + q]) * stride;
+      const size_t f = a + ahead + q;
+      pf[q] = f < a1 ? wb + static_cast<int64_t>(idx[f]) * stride_bytes : reinterpret_cast<const char*>(r[q]);
+    }
+    sweep8(y, r, val + a, out, pf);
   }
   for (; a < a1; ++a) {
     const T* r = w + static_cast<int64_t>(idx[a]) * stride;
