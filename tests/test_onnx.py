@@ -982,6 +982,43 @@ def test_kernel_microbenchmark_makes_its_sessions_in_both_orders(monkeypatch):
     assert made[1] < made[2]  # sparsity 0.25 before 0.75
 
 
+def test_kernel_microbenchmark_takes_turns_in_short_bursts(monkeypatch):
+    """Each session makes `burst` + 1 calls in a row (the first untimed), every session in every round, and the
+    inputs rotate from round to round, so over the run each session sees all of them."""
+    import onnxruntime as ort
+
+    from wina_cli.bench.speed import kernel_bench
+
+    calls, original = [], ort.InferenceSession
+
+    class Recorded:
+        def __init__(self, *a, **k):
+            self.inner, self.id = original(*a, **k), len(made)
+            made.append(self)
+
+        def run(self, outputs, feeds):
+            calls.append((self.id, float(feeds["X"].ravel()[0])))
+            return self.inner.run(outputs, feeds)
+
+    made = []
+    monkeypatch.setattr(ort, "InferenceSession", Recorded)
+    rows = kernel_bench(shapes=((64, 96),), sparsities=(0.5,), reps=6, n_inputs=4, burst=2)
+    assert len(made) == 4 and rows[0]["speedup"] > 0  # dense and sparse, made again for the second half
+    runs = [[calls[0][0], 0]]
+    for sid, _ in calls:
+        if sid == runs[-1][0]:
+            runs[-1][1] += 1
+        else:
+            runs.append([sid, 1])
+    # a turn is one untimed call and two timed ones; turns reverse from round to round, so the session that ends
+    # one round starts the next: at most two turns in a row
+    assert all(n in (3, 6) for _, n in runs), runs
+    # 3 timed rounds (2 + 1 over the halves) and a warm-up round per half: 5 turns of 3 calls for each of 2 gates
+    assert len(calls) == 5 * 3 * 2
+    inputs_seen = {x for sid, x in calls if sid in (0, 1)}
+    assert len(inputs_seen) == 4  # the first half alone runs 3 rounds x 3 calls: every input at least once
+
+
 def test_kernel_microbenchmark_splits_calls_for_the_pool_it_sizes(monkeypatch):
     """`--threads N`: the native kernels' sessions are made with WINA_TASKS=N, one task per thread."""
     import onnxruntime as ort

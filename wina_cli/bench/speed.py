@@ -244,16 +244,21 @@ def _op_chain_model(n_in: int, n_out: int, w: np.ndarray, copies: int, threshold
 
 
 def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int = 64, n_inputs: int = 16,
-                 seed: int = 0, threads: int | None = None, working_set_mb: float = 0.0,
+                 seed: int = 0, threads: int | None = None, working_set_mb: float = 0.0, burst: int = 4,
                  log=lambda m: None) -> list[dict]:
     """Gated GEMV vs ONNX Runtime's dense MatMul, fp32 weights [in, out], batch 1, per product.
 
     With `working_set_mb` (`wina bench` passes 512), each session multiplies by enough distinct copies of W that
     one call streams at least that many MB of weights, as a decode step streams every layer's weights from
     memory; with 0 one matrix is called again and again, and on a machine whose last-level cache holds hundreds
-    of MB (this one reports 480 MB) the smaller shapes are then read from that cache, by both kernels alike. Inputs
+    of MB (one reported 480 MB) the smaller shapes are then read from that cache, by both kernels alike. Inputs
     cycle over `n_inputs` random vectors so the kept rows change from call to call, and the dense and sparse
-    sessions take turns burst by burst, so drift in the machine's speed hits all alike."""
+    sessions take turns, `burst` timed calls each, so drift in the machine's speed hits all alike. Short bursts:
+    the memory bandwidth of these shared machines moves in periods of a second or so (four dense sessions of
+    14336 x 4096 in turns read 28-40 GB/s in one round of 14 calls each and 41-48 GB/s, all four, in another,
+    session 22), and with bursts of 16 calls (a round of six sessions of the large shapes took seconds) a fast
+    period could fall on one session's bursts: one run's dense 14336 x 4096 read 46 GB/s, 30.8 in the run
+    before."""
     import onnxruntime as ort
 
     from .. import native
@@ -285,26 +290,29 @@ def kernel_bench(shapes=KERNEL_SHAPES, sparsities=KERNEL_SPARSITIES, reps: int =
                 return ort.InferenceSession(_op_chain_model(n_in, n_out, w, copies, thr), so,
                                             providers=["CPUExecutionProvider"])
 
-        # Rounds of bursts: each session in turn runs every input once; the first calls of a burst are not
-        # timed, since the previous session's pool threads may still be spinning on the same cores. Two halves
+        # Rounds of bursts: each session in turn makes one untimed call (the previous session's pool threads may
+        # still be busy on the same cores), then `burst` timed ones, the inputs taken in rotation. Two halves
         # whose sessions are made in opposite orders, as in time_decode: in a decode, the session made first ran
         # slower.
         gates = (None, *thresholds)
         order = list(range(len(gates)))
         times = [[] for _ in gates]
-        rounds = max(1, reps // len(xs))
-        for half_order, half_rounds in ((order, rounds - rounds // 2), (order[::-1], max(1, rounds // 2))):
+        rounds = max(2, -(-reps // burst))
+        calls = 0
+        for half_order, half_rounds in ((order, rounds - rounds // 2), (order[::-1], rounds // 2)):
             sessions = [None] * len(gates)
             for i in half_order:
                 sessions[i] = make(gates[i])
             for r in range(-1, half_rounds):  # round -1 warms up
                 for i in in_turns(half_order, r):
                     sess = sessions[i]
-                    for j, x in enumerate(xs):
+                    for j in range(burst + 1):
+                        x = xs[(calls + j) % len(xs)]
                         t = time.perf_counter()
                         sess.run(None, {"X": x})
-                        if r >= 0 and j >= 2:
+                        if r >= 0 and j >= 1:
                             times[i].append((time.perf_counter() - t) / copies)
+                calls += burst + 1
             del sessions, sess
             gc.collect()
         dense_ms = statistics.median(times[0]) * 1e3
