@@ -1,6 +1,7 @@
 """Pipeline passes. `build_pipeline` composes them from a recipe, in the one order that makes sense:
-load -> tokenize -> [fold_norms -> rotate] -> collect_stats -> allocate -> [select] -> [ppl_budget] -> set_gates.
-Tokenizing comes first because the data-driven transforms (pca) read the calibration text. `run_calibration` runs
+load -> tokenize -> [fold_norms -> rotate] -> [distill] -> collect_stats -> allocate -> [select] -> [ppl_budget]
+-> set_gates. Tokenizing comes first because the data-driven transforms (pca) read the calibration text, and
+distillation comes before the statistics so that the thresholds fit the tuned weights. `run_calibration` runs
 the pipeline once, or, for --method auto, once per candidate transform up to `select` and finishes the best."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ def build_pipeline(recipe, head_only: bool = False):
     """The passes for a recipe; `head_only` stops after select (auto)."""
     from .allocate import Allocate
     from .base import Pipeline
+    from .distill import Distill
     from .fold_norms import FoldNorms
     from .load import LoadCheckpoint
     from .rotate import RotateWina
@@ -21,6 +23,8 @@ def build_pipeline(recipe, head_only: bool = False):
     passes = [LoadCheckpoint(), TokenizeCalibration()]
     if recipe.transform != "none":
         passes += [FoldNorms(), RotateWina(recipe.transform)]
+    if recipe.distill.steps > 0:
+        passes.append(Distill())
     passes += [CollectStats(), Allocate()]
     if recipe.method == "auto":
         passes.append(SelectMethod())

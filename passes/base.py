@@ -34,6 +34,7 @@ class PipelineState:
     calib_ids: Any = None  # tokenize: LongTensor [num_samples, seq_len]
     calib_provenance: dict = field(default_factory=dict)  # tokenize
     holdout_ids: Any = None  # tokenize: windows held apart from statistics and allocation (budget, auto)
+    reference_ppl: Any = None  # distill: the dense original's perplexity on the held-apart windows
     stats: Any = None  # collect_stats: wina_cli.calibration.CalibrationStats
     gateset: Any = None  # allocate: wina_cli.gating.GateSet, the model's gated projections
     allocation: Any = None  # allocate: wina_cli.gating.Allocation
@@ -64,6 +65,8 @@ def held_apart_eval(state: PipelineState, setting: tuple[str, str, str] | None, 
     from wina_cli.gating import plan_gates
     from wina_cli.perplexity import perplexity
 
+    if setting is None and state.reference_ppl is not None:
+        return state.reference_ppl, 0.0  # the weights were tuned: dense means the model the user started with
     st, gs = state.stats, state.gateset
     plan = None if setting is None else plan_gates(st, state.allocation, *setting, target)
     gs.apply(plan, st.col_norms, st.in_features)

@@ -432,3 +432,30 @@ def test_calibrate_also_writes_the_onnx_exports(tiny_llama_dir, calib_text, tmp_
     # an export folder that exists stops the run before any work, without --overwrite
     code, _, err = run_inproc([*args[:-1], tmp_path / "art2", "--onnx", sparse], capsys)
     assert code == 7 and "exists" in err and not (tmp_path / "art2").exists()
+
+
+def test_distilled_artifact_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text, eval_text):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_llama_dir, source)
+    code, stdout, err = run_inproc(["calibrate", "-m", source, "-d", calib_text, "-o", tmp_path / "o", *SMALL,
+                                    "--transform", "none", "--criterion", "teal", "--allocation", "uniform",
+                                    "--distill-steps", "20", "--distill-lr", "3e-4", "--json"], capsys)
+    assert code == 0, err
+    d = as_json(stdout)["validation"]["distill"]
+    assert d["check_kl_after"] < d["check_kl_before"] and d["steps"] == 20
+    assert "steps: 20" in (tmp_path / "o" / "recipe.yaml").read_text()
+    code, stdout, err = run_inproc(["inspect", tmp_path / "o"], capsys)
+    assert code == 0 and "distilled: 20 steps" in " ".join(stdout.split())
+    bench = ["bench", tmp_path / "o", "--data", eval_text, "--num-samples", "2", "--seq-len", "64",
+             "--sparsity", "0.3", "--configs", "teal/uniform"]
+    code, stdout, err = run_inproc(bench + ["--json"], capsys)
+    assert code == 0, err
+    dense = next(r for r in as_json(stdout)["runs"] if r["criterion"] == "dense")
+    # the increases count from the checkpoint the weights were tuned from, and the tuned dense model is shown
+    assert dense["reference"] == "source checkpoint" and dense["ppl"] != dense["tuned_dense_ppl"]
+    code, stdout, err = run_inproc(bench + ["--markdown"], capsys)
+    assert code == 0 and f"{dense['ppl']:.2f} (tuned {dense['tuned_dense_ppl']:.2f})" in stdout
+    # a source checkpoint that changed since is not taken as the reference
+    cfg = source / "config.json"
+    cfg.write_text(cfg.read_text() + "\n")
+    _bad(capsys, bench, 8, "is not the one", "tuned from")

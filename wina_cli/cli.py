@@ -90,6 +90,12 @@ def calibrate(
                                                        help="Method auto: compare candidates at the same realized "
                                                        "sparsity on the held-apart windows (default), or at the "
                                                        "same gate target (half the measurements)."),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Sparsity-aware distillation: AdamW "
+                                                "steps tuning the projection weights toward the dense original "
+                                                "under top-k gates (0: off)."),
+    distill_lr: Optional[float] = typer.Option(None, "--distill-lr", help="Distillation learning rate."),
+    distill_sparsity: Optional[float] = typer.Option(None, "--distill-sparsity", help="Per-token sparsity the "
+                                                     "distillation trains at (default: the target)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
     onnx: Optional[str] = typer.Option(None, "--onnx", help="Also write the artifact's ONNX export here "
@@ -109,7 +115,8 @@ def calibrate(
                  "sparsity.allocation": allocation, "sparsity.mode": mode, "transform": transform, "dtype": dtype,
                  "method": method, "auto.transforms": auto_transforms, "auto.dense_first": auto_dense_first,
                  "auto.match_realized": auto_match_realized, "allocation.kl_criteria": kl_criteria,
-                 "allocation.kl_estimate": kl_estimate,
+                 "allocation.kl_estimate": kl_estimate, "distill.steps": distill_steps, "distill.lr": distill_lr,
+                 "distill.sparsity": distill_sparsity,
                  "output": output, "export.onnx": onnx, "export.onnx_dense": onnx_dense,
                  "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
@@ -196,6 +203,8 @@ def calibrate(
         v = report_validation["transform"]
         out.print(f"transform check: max |delta logits| = {v['max_abs_delta']:.3g} "
                   f"({v['max_rel_delta']:.2g} relative), top-1 agreement {v['top1_agreement']:.3f}")
+    if "distill" in report_validation:
+        out.print(_distill_text(report_validation["distill"]))
     if "auto" in report_validation:
         out.print(f"method auto: {report_validation['auto']['reason']}")
     if "ppl_budget" in report_validation:
@@ -469,9 +478,9 @@ REALIZED_TOLERANCE = 0.003  # --realized: how close the realized sparsity must c
 
 def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num_samples, seq_len, seed,
                    json_out, realized=False) -> dict:
-    from .bench.quality import evaluate
+    from .bench.quality import distilled, evaluate, source_model
     from .data import token_windows
-    from .perplexity import max_sparsity_within
+    from .perplexity import max_sparsity_within, perplexity
     from .runtime import load_runtime
 
     progress = _progress(_want_progress(json_out))
@@ -482,13 +491,24 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
         if windows is None:
             windows = token_windows(data, rt.tokenizer, num_samples, seq_len, seed)
         transform = rt.artifact.wina.get("transform", "none")
+        # A distilled artifact's own dense model is the tuned one: its increases and budgets count from the
+        # checkpoint it was tuned from (the dense row says both).
+        source = source_model(rt) if distilled(rt) else None
         dense_by_policy = {}
         for pol in policies:
             d = evaluate(rt, None, windows.ids, progress, f"dense {pol.name} [{path.name}]", pol)
-            dense_by_policy[pol.name] = d.ppl
-            runs.append(_run_row(path, transform, "dense", "-", 0.0, d, pol.name, d.ppl))
+            row = _run_row(path, transform, "dense", "-", 0.0, d, pol.name, d.ppl)
+            if source is not None:
+                row["tuned_dense_ppl"] = d.ppl
+                row["ppl"] = row["dense_ppl"] = perplexity(source, windows.ids, progress,
+                                                           f"source checkpoint {pol.name}", pol.first_scored)
+                row["reference"] = "source checkpoint"
+            dense_by_policy[pol.name] = row["ppl"]
+            runs.append(row)
         dense[str(path)] = dense_by_policy["all"] if "all" in dense_by_policy else \
-            evaluate(rt, None, windows.ids, progress, f"dense [{path.name}]").ppl
+            (perplexity(source, windows.ids) if source is not None
+             else evaluate(rt, None, windows.ids, progress, f"dense [{path.name}]").ppl)
+        del source
         for c, a in pairs:
             for pol in policies:
                 cache: dict = {}  # target -> evaluation, under this policy
@@ -734,6 +754,12 @@ def _realize(run, want: float, tries: int = 6):
     return round(best[1], 6), best[2]
 
 
+def _distill_text(d: dict) -> str:
+    return (f"distilled: {d['steps']} steps on {d['train_tokens']} tokens at sparsity {d['sparsity']:g} (top-k); "
+            f"gated KL from the dense original on {d['check_tokens']} check tokens {d['check_kl_before']:.4f} -> "
+            f"{d['check_kl_after']:.4f}; the tuned dense model's KL {d['dense_kl_after']:.4f}")
+
+
 def _run_row(path, transform, criterion, allocation, target, r, policy="all", dense_ppl=None) -> dict:
     from .models.adapters import PROJECTIONS
 
@@ -777,6 +803,8 @@ def inspect(
 
         out.print(f"gate policy: {policy_text(art.wina)}")
     val = m.get("validation", {})
+    if "distill" in val:
+        out.print(_distill_text(val["distill"]))
     if "auto" in val:
         out.print(f"method auto: {val['auto']['reason']}")
     if "ppl_budget" in val:

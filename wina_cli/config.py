@@ -79,6 +79,20 @@ class AutoSection:
 
 
 @dataclass
+class DistillSection:
+    """Sparsity-aware distillation (off at steps 0): before the statistics, the projection weights are tuned so the
+    model, gated top-k at `sparsity` per token, matches the dense original's next-token distribution (KL) on
+    windows of `data` (default: the calibration text) that the statistics and held-apart evaluation do not read."""
+
+    steps: int = 0
+    batch: int = 2  # windows of data.seq_len tokens per step
+    lr: float = 3e-5  # AdamW, no weight decay
+    sparsity: float = 0.0  # the per-token sparsity trained at (0: sparsity.target)
+    data: str = ""
+    check_samples: int = 2  # windows kept back to check that the gated model's KL went down
+
+
+@dataclass
 class ExportSection:
     """ONNX exports `wina calibrate` writes from the finished artifact, each validated as `wina export` validates
     (a failed validation fails the run; the artifact stays, complete and checked)."""
@@ -100,6 +114,7 @@ class Recipe:
     holdout: HoldoutSection = field(default_factory=HoldoutSection)
     method: str = "manual"  # manual (the recipe's transform, criterion, allocation) | auto (measured choice)
     auto: AutoSection = field(default_factory=AutoSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     seed: int = 0
     dtype: str = "float32"
     output: str = ""
@@ -200,6 +215,16 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
                 "allocation.kl_samples", "allocation.kl_seq_len", "allocation.kl_draws", "holdout.num_samples"):
         if get_path(recipe, key) < 1:
             raise ConfigError(f"`{key}` is {get_path(recipe, key)}", "it must be at least 1", "raise it")
+    d = recipe.distill
+    if d.steps < 0 or d.batch < 1 or d.check_samples < 1:
+        raise ConfigError(f"`distill` has steps {d.steps}, batch {d.batch}, check_samples {d.check_samples}",
+                          "steps count from 0 (off); batch and check_samples from 1", "fix the counts")
+    if not (0.0 < d.lr <= 1e-2):
+        raise ConfigError(f"`distill.lr` is {d.lr}", "it is AdamW's learning rate, in (0, 0.01]",
+                          "use e.g. 3e-5")
+    if not (0.0 <= d.sparsity <= 0.9):
+        raise ConfigError(f"`distill.sparsity` is {d.sparsity}", "a sparsity lies in [0, 0.9] (0: sparsity.target)",
+                          "pass a value such as 0.4")
     if recipe.allocation.seq_len > recipe.data.seq_len:
         raise ConfigError(f"`allocation.seq_len` ({recipe.allocation.seq_len}) exceeds `data.seq_len` "
                           f"({recipe.data.seq_len})", "allocation windows are cut from the calibration windows",

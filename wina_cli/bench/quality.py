@@ -66,3 +66,28 @@ def flops_per_token(rt: Runtime, realized: torch.Tensor) -> float:
     basis = sum(int(b.numel()) for layer in rt.adapter.layers()
                 for name, b in layer.named_buffers(recurse=False) if name.startswith("wina_"))
     return 2.0 * (proj + basis + cfg.vocab_size * d)
+
+
+def distilled(rt: Runtime) -> bool:
+    """Whether the artifact's weights were tuned by distillation (its dense model is not the checkpoint's)."""
+    m = rt.artifact.manifest if rt.artifact is not None else {}
+    return bool(m.get("validation", {}).get("distill", {}).get("steps"))
+
+
+def source_model(rt: Runtime):
+    """The checkpoint a distilled artifact was tuned from, loaded again and checked against the manifest's hash:
+    perplexity increases and budgets of such an artifact count from it, the model the user started with."""
+    from ..errors import ArtifactError
+    from ..models.load import load_model
+
+    src = rt.artifact.manifest.get("source", {})
+    fix = "make the checkpoint the artifact was built from available under the same name, or rebuild the artifact"
+    if src.get("kind") in (None, "memory"):
+        raise ArtifactError(f"the distilled artifact '{rt.artifact.path}' names no loadable source checkpoint",
+                            "its dense reference is the model it was tuned from", fix)
+    loaded = load_model(src["spec"], rt.artifact.wina.get("dtype", "float32"))
+    if src.get("sha256") and loaded.source["sha256"] != src["sha256"]:
+        raise ArtifactError(f"the checkpoint '{src['spec']}' is not the one '{rt.artifact.path}' was tuned from",
+                            f"its files hash to {str(loaded.source['sha256'])[:16]}..., the manifest records "
+                            f"{src['sha256'][:16]}...", fix)
+    return loaded.model

@@ -9,7 +9,10 @@ def markdown(result: dict) -> str:
     runs = result["runs"]
     policies = result.get("policies", ["all"])
     show_policy = policies != ["all"]
-    dense = {(r["artifact"], r["policy"]): r["ppl"] for r in runs if r["criterion"] == "dense"}
+    # a distilled artifact's dense reference is its source checkpoint; its own (tuned) dense model follows
+    dense = {(r["artifact"], r["policy"]): f"{r['ppl']:.2f}" + (f" (tuned {r['tuned_dense_ppl']:.2f})"
+                                                               if "tuned_dense_ppl" in r else "")
+             for r in runs if r["criterion"] == "dense"}
     rows: dict[tuple, dict[float, dict]] = {}  # insertion order = the order the bench ran them
     for r in runs:
         if r["criterion"] != "dense":
@@ -24,7 +27,7 @@ def markdown(result: dict) -> str:
     head += [f"{t:g}" for t in targets] + [f"PPL-{b * 100:g}%" for b in budgets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (art, transform, crit, alloc, pol), cells in rows.items():
-        text = [transform, crit, alloc] + ([pol] if show_policy else []) + [f"{dense[(art, pol)]:.2f}"]
+        text = [transform, crit, alloc] + ([pol] if show_policy else []) + [dense[(art, pol)]]
         text += [f"{cells[t]['ppl']:.2f} ({cells[t]['realized_sparsity']:.3f})" if t in cells else "-"
                  for t in targets]
         for b in budgets:

@@ -1,0 +1,194 @@
+"""Sparsity-aware distillation: tune the projection weights so that the gated model's next-token distribution
+stays close to the dense original's.
+
+Gating drops input channels; the weights reading the kept ones can partly make up for what the dropped ones
+carried. Before the statistics are read, the decoder's projection weights (and biases) take `distill.steps` AdamW
+steps on KL(dense original || gated model), mean per token, with every projection gated top-k at
+`distill.sparsity` per token: a fixed count, because the weights could otherwise learn to lift activations over
+fixed thresholds and the sparsity would drift. Embeddings, norms, the LM head and basis matrices stay as they are
+(a folded, rotated model keeps its unit norms). The thresholds are calibrated afterwards, on the tuned model.
+
+The windows are cut from the distillation text (`distill.data`, by default the calibration text) with seed + 1,
+leaving out every window the statistics or the held-apart evaluation read; a few of them are kept back as check
+windows. The model's dense function changes by design: the pass records how far (the tuned dense model's KL from
+the original on the check windows), and ensures the gated model's KL on the check windows went down. The dense
+original's perplexity on the held-apart windows is kept as the reference of budgets and --method auto, so a
+budget counts from the model the user started with.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wina_cli.data import token_windows
+from wina_cli.errors import DataError
+from wina_cli.gating import GateSet
+from wina_cli.models.adapters import PROJECTIONS
+from wina_cli.sparse import Gate, column_norms
+
+from .base import Pass, PassResult, PipelineState
+
+
+def distill_windows(state: PipelineState) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(training windows in training order, check windows, provenance), none of them read by the statistics or
+    the held-apart evaluation."""
+    r = state.recipe
+    d = r.distill
+    path = d.data or r.data.path
+    need = d.steps * d.batch + d.check_samples
+    taken = set(state.calib_provenance.get("window_starts", [])) if path == r.data.path else set()
+    def short(have: str) -> DataError:
+        return DataError(f"the distillation text '{path}' has too few windows apart from the calibration's: "
+                         f"{have} of the {need} needed ({d.steps} steps x {d.batch} + {d.check_samples} check)",
+                         "distillation trains on windows the statistics and the held-apart evaluation do not read",
+                         "give more text (`distill.data`), or fewer `distill.steps` / `distill.batch`")
+
+    try:
+        tw = token_windows(path, state.tokenizer, need + len(taken), r.data.seq_len, r.seed + 1)
+    except DataError as e:
+        if "too short" not in e.what:
+            raise
+        raise short("fewer") from e
+    free = [i for i, s in enumerate(tw.provenance["window_starts"]) if s not in taken][:need]
+    if len(free) < need:
+        raise short(str(len(free)))
+    order = torch.randperm(need, generator=torch.Generator().manual_seed(r.seed + 1))
+    ids = tw.ids[torch.tensor(free)][order]
+    prov = {"path": path, "text_sha256": tw.provenance["text_sha256"], "seq_len": r.data.seq_len,
+            "windows": need, "seed": r.seed + 1}
+    return ids[d.check_samples:], ids[: d.check_samples], prov
+
+
+def tuned_parameters(adapter) -> list[torch.nn.Parameter]:
+    """The projection modules' weights and biases, each once (fused modules hold several projections)."""
+    seen, out = set(), []
+    for layer in adapter.layers():
+        for pr in adapter.projections(layer):
+            m = adapter.module(layer, pr.module_path)
+            for prm in (m.weight, m.bias):
+                if prm is not None and id(prm) not in seen:
+                    seen.add(id(prm))
+                    out.append(prm)
+    return out
+
+
+def top_k_gates(gates: GateSet, adapter, criterion: str, sparsity: float) -> None:
+    """Every projection gated top-k at `sparsity` per token, with column norms of the current weights (wina)."""
+    for l, layer in enumerate(adapter.layers()):
+        row = {}
+        for name in PROJECTIONS:
+            w = adapter.proj_weight(layer, name)
+            n = int(w.shape[1])
+            row[name] = Gate(criterion, "topk", 0.0, n - int(round(sparsity * n)),
+                             column_norms(w) if criterion == "wina" else None)
+        gates.set_layer(l, row)
+
+
+def dense_gates(gates: GateSet, adapter) -> None:
+    for l in range(len(adapter.layers())):
+        gates.set_layer(l, {name: None for name in PROJECTIONS})
+
+
+def window_kl(teacher, model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || model) over one or more windows; differentiable in the model."""
+    with torch.no_grad():
+        ref = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    got = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    return (ref.exp() * (ref - got)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def mean_kl(teacher, model, windows: torch.Tensor) -> float:
+    return sum(float(window_kl(teacher, model, windows[i:i + 1])) for i in range(windows.shape[0])) \
+        / windows.shape[0]
+
+
+class Distill(Pass):
+    name = "distill"
+
+    def requires(self, state: PipelineState):
+        if state.calib_ids is None:
+            raise self.fail("no calibration windows", "distillation leaves the calibration's windows out",
+                            "run tokenize first")
+        if state.stats is not None:
+            raise self.fail("the statistics were read before distillation",
+                            "thresholds must be calibrated on the tuned model", "run distill before collect_stats")
+
+    def call(self, state: PipelineState) -> PassResult:
+        from wina_cli.perplexity import perplexity
+
+        r, d = state.recipe, state.recipe.distill
+        model, adapter = state.model, state.adapter
+        criterion = r.sparsity.criterion
+        sparsity = d.sparsity or r.sparsity.target
+        train, check, prov = distill_windows(state)
+        t0 = time.perf_counter()
+        teacher = copy.deepcopy(model)
+        teacher.eval()
+        for prm in teacher.parameters():
+            prm.requires_grad_(False)
+        reference = None
+        if state.holdout_ids is not None:
+            reference = perplexity(teacher, state.holdout_ids, state.progress, "dense original")
+        params = tuned_parameters(adapter)
+        was = {id(prm): prm.requires_grad for prm in model.parameters()}
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        gates = GateSet(adapter)
+        top_k_gates(gates, adapter, criterion, sparsity)
+        before = mean_kl(teacher, model, check)
+        for prm in params:
+            prm.requires_grad_(True)
+        torch.manual_seed(r.seed)
+        opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=0.0)
+        losses = []
+        try:
+            for step in range(d.steps):
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for i in range(d.batch):  # one window at a time: the logits of a batch would double peak memory
+                    j = step * d.batch + i
+                    loss = window_kl(teacher, model, train[j:j + 1]) / d.batch
+                    loss.backward()
+                    total += float(loss.detach())
+                opt.step()
+                losses.append(round(total, 5))
+                if criterion == "wina":  # the gate's column norms follow the weights
+                    top_k_gates(gates, adapter, criterion, sparsity)
+                state.progress(f"({step + 1}/{d.steps}) distilling at {sparsity:g}: KL {total:.4f}")
+        finally:
+            for prm in model.parameters():
+                prm.requires_grad_(was[id(prm)])
+        after = mean_kl(teacher, model, check)
+        dense_gates(gates, adapter)
+        dense_moved = mean_kl(teacher, model, check)
+        del teacher
+        state.reference_ppl = reference
+        info = {"steps": d.steps, "batch": d.batch, "lr": d.lr, "sparsity": sparsity, "criterion": criterion,
+                "gate": "topk", "train_tokens": int(train.numel()), "check_tokens": int(check.numel()),
+                "parameters_tuned": int(sum(p.numel() for p in params)), "data": prov,
+                "check_kl_before": round(before, 6), "check_kl_after": round(after, 6),
+                "dense_kl_after": round(dense_moved, 6), "train_kl_first": losses[0] if losses else None,
+                "train_kl_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 1)}
+        if reference is not None:
+            info["reference_holdout_ppl"] = round(reference, 4)
+        state.validation["distill"] = info
+        return PassResult(d.steps > 0, info)
+
+    def ensures(self, state: PipelineState, result: PassResult):
+        info = result.info
+        for prm in tuned_parameters(state.adapter):
+            if not torch.isfinite(prm).all():
+                raise self.fail("a tuned weight is not finite", "the distillation diverged",
+                                "lower `distill.lr` (--distill-lr)")
+        if info["steps"] and not info["check_kl_after"] < info["check_kl_before"]:
+            raise self.fail(f"distillation did not lower the gated model's KL from the dense original on its "
+                            f"{info['check_tokens']} check tokens ({info['check_kl_before']:.4f} before, "
+                            f"{info['check_kl_after']:.4f} after)",
+                            "the steps moved the weights without helping the gated model: too high a learning "
+                            "rate, or too few steps to show",
+                            "lower `distill.lr` (--distill-lr) or raise `distill.steps` (--distill-steps), or "
+                            "turn distillation off (steps 0)")

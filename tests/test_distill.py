@@ -1,0 +1,109 @@
+"""Sparsity-aware distillation: what it tunes, on which windows, what it checks, and what budgets count from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_recipe, run_pipeline, tiny_model, tiny_tokenizer
+from passes.base import PassResult, PipelineState
+from passes.distill import Distill, distill_windows, tuned_parameters
+from wina_cli.config import recipe_from_dict, validate
+from wina_cli.errors import ConfigError, DataError, PassError
+from wina_cli.perplexity import perplexity
+
+DISTILL = {"distill.steps": 20, "distill.lr": 3e-4, "distill.batch": 2, "distill.check_samples": 2}
+
+
+@pytest.fixture(scope="module")
+def distilled(calib_text):
+    return run_pipeline("llama", "none", **DISTILL, **{"distill.data": str(calib_text)})
+
+
+def test_distillation_lowers_the_gated_kl_and_records_it(distilled):
+    info = distilled.validation["distill"]
+    assert info["check_kl_after"] < info["check_kl_before"]
+    assert info["steps"] == 20 and info["train_tokens"] == 20 * 2 * 64 and info["check_tokens"] == 2 * 64
+    assert info["sparsity"] == distilled.recipe.sparsity.target and info["gate"] == "topk"
+    # the dense function moved (by design), and the record says how far
+    assert info["dense_kl_after"] > 0
+
+
+def test_only_projection_weights_change(distilled):
+    before = dict(tiny_model("llama", 0).named_parameters())
+    tuned = {id(p) for p in tuned_parameters(distilled.adapter)}
+    changed, kept = 0, 0
+    for name, p in distilled.model.named_parameters():
+        same = torch.equal(p.detach(), before[name].detach())
+        if id(p) in tuned:
+            changed += not same
+        else:
+            assert same, f"{name} is not a projection weight and must not change"
+            kept += 1
+    assert changed == len(tuned) and kept > 0
+
+
+def test_distillation_is_deterministic(calib_text, distilled):
+    again = run_pipeline("llama", "none", **DISTILL, **{"distill.data": str(calib_text)})
+    for (name, a), b in zip(distilled.model.named_parameters(), again.model.parameters()):
+        assert torch.equal(a, b), name
+    assert again.validation["distill"]["check_kl_after"] == distilled.validation["distill"]["check_kl_after"]
+
+
+def test_statistics_are_read_on_the_tuned_weights(distilled):
+    from wina_cli.gating import model_col_norms
+    from wina_cli.models.adapters import adapter_for
+
+    assert torch.equal(distilled.stats.col_norms, model_col_norms(distilled.adapter))
+    assert not torch.equal(model_col_norms(adapter_for(tiny_model("llama", 0))), distilled.stats.col_norms)
+
+
+def test_windows_leave_out_the_calibration_and_fail_clearly_when_short(calib_text):
+    tok = tiny_tokenizer()
+    from wina_cli.data import token_windows
+
+    r = make_recipe(**DISTILL, **{"data.path": str(calib_text)})
+    calib = token_windows(str(calib_text), tok, 8, 64, 0)
+    state = PipelineState(recipe=r, tokenizer=tok, calib_ids=calib.ids, calib_provenance=calib.provenance)
+    train, check, prov = distill_windows(state)
+    assert train.shape == (40, 64) and check.shape == (2, 64) and prov["seed"] == 1
+    used = {tuple(w.tolist()) for w in calib.ids}
+    assert not any(tuple(w.tolist()) in used for w in torch.cat([train, check]))
+    r.distill.steps = 10_000
+    with pytest.raises(DataError) as e:
+        distill_windows(state)
+    assert "too few windows" in e.value.message
+
+
+def test_a_kl_that_did_not_fall_fails_the_pass():
+    state = PipelineState(recipe=make_recipe(), model=tiny_model("llama"))
+    from wina_cli.models.adapters import adapter_for
+
+    state.adapter = adapter_for(state.model)
+    info = {"steps": 4, "check_tokens": 128, "check_kl_before": 0.08, "check_kl_after": 0.08}
+    with pytest.raises(PassError) as e:
+        Distill().ensures(state, PassResult(True, info))
+    assert "did not lower" in e.value.message and "distill.lr" in e.value.fix
+    Distill().ensures(state, PassResult(True, {**info, "check_kl_after": 0.07}))  # a fall passes
+
+
+def test_budget_counts_from_the_dense_original(calib_text):
+    state = run_pipeline("llama", "none", **DISTILL, **{"distill.data": str(calib_text),
+                                                        "sparsity.max_ppl_increase": 0.05, "holdout.num_samples": 2})
+    original = perplexity(tiny_model("llama", 0), state.holdout_ids)
+    assert state.validation["ppl_budget"]["dense_ppl"] == pytest.approx(original, rel=1e-6)
+    state.gateset.apply(None, state.stats.col_norms, state.stats.in_features)
+    assert perplexity(state.model, state.holdout_ids) != pytest.approx(original, rel=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("steps", -1), ("batch", 0), ("lr", 0.0), ("lr", 0.5), ("sparsity", 0.95),
+                                       ("check_samples", 0)])
+def test_bad_distill_settings_are_config_errors(key, value):
+    with pytest.raises(ConfigError) as e:
+        validate(recipe_from_dict({"model": "m", "data": {"path": "x"}, "distill": {key: value}}))
+    assert "distill" in e.value.message
+
+
+def test_unknown_distill_key_names_its_path():
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict({"distill": {"epochs": 3}})
+    assert "distill.epochs" in e.value.message
