@@ -212,13 +212,13 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
                           f"criteria: {', '.join(CHOICES['sparsity.criterion'])}",
                           "write a comma-separated list of those, e.g. teal,wina, or leave it empty")
     for key in ("data.num_samples", "data.seq_len", "allocation.num_samples", "allocation.seq_len",
-                "allocation.kl_samples", "allocation.kl_seq_len", "allocation.kl_draws", "holdout.num_samples"):
+                "allocation.kl_samples", "allocation.kl_seq_len", "allocation.kl_draws", "holdout.num_samples",
+                "distill.batch", "distill.check_samples"):
         if get_path(recipe, key) < 1:
             raise ConfigError(f"`{key}` is {get_path(recipe, key)}", "it must be at least 1", "raise it")
     d = recipe.distill
-    if d.steps < 0 or d.batch < 1 or d.check_samples < 1:
-        raise ConfigError(f"`distill` has steps {d.steps}, batch {d.batch}, check_samples {d.check_samples}",
-                          "steps count from 0 (off); batch and check_samples from 1", "fix the counts")
+    if d.steps < 0:
+        raise ConfigError(f"`distill.steps` is {d.steps}", "it counts AdamW steps (0: off)", "use 0 or more")
     if not (0.0 < d.lr <= 1e-2):
         raise ConfigError(f"`distill.lr` is {d.lr}", "it is AdamW's learning rate, in (0, 0.01]",
                           "use e.g. 3e-5")
