@@ -86,7 +86,9 @@ class DistillSection:
 
     steps: int = 0
     batch: int = 2  # windows of data.seq_len tokens per step
-    lr: float = 3e-5  # AdamW, no weight decay
+    # AdamW, no weight decay. On SmolLM2 (60 steps at 0.5) 1e-4 left the least gated KL and the highest PPL-1%
+    # sparsity; 3e-5 moved too little, 3e-4 moved the dense function more than the gates gained.
+    lr: float = 1e-4
     sparsity: float = 0.0  # the per-token sparsity trained at (0: sparsity.target)
     data: str = ""
     check_samples: int = 2  # windows kept back to check that the gated model's KL went down
@@ -221,7 +223,7 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
         raise ConfigError(f"`distill.steps` is {d.steps}", "it counts AdamW steps (0: off)", "use 0 or more")
     if not (0.0 < d.lr <= 1e-2):
         raise ConfigError(f"`distill.lr` is {d.lr}", "it is AdamW's learning rate, in (0, 0.01]",
-                          "use e.g. 3e-5")
+                          "use e.g. 1e-4")
     if not (0.0 <= d.sparsity <= 0.9):
         raise ConfigError(f"`distill.sparsity` is {d.sparsity}", "a sparsity lies in [0, 0.9] (0: sparsity.target)",
                           "pass a value such as 0.4")
