@@ -18,6 +18,7 @@ budget counts from the model the user started with.
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -87,6 +88,13 @@ def top_k_gates(gates: GateSet, adapter, criterion: str, sparsity: float) -> Non
         gates.set_layer(l, row)
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step `step` (0-based) as a fraction of distill.lr."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return 1.0
+
+
 def dense_gates(gates: GateSet, adapter) -> None:
     for l in range(len(adapter.layers())):
         gates.set_layer(l, {name: None for name in PROJECTIONS})
@@ -144,6 +152,7 @@ class Distill(Pass):
             prm.requires_grad_(True)
         torch.manual_seed(r.seed)
         opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(d.schedule, s, d.steps))
         losses = []
         try:
             for step in range(d.steps):
@@ -155,6 +164,7 @@ class Distill(Pass):
                     loss.backward()
                     total += float(loss.detach())
                 opt.step()
+                sched.step()
                 losses.append(round(total, 5))
                 if criterion == "wina":  # the gate's column norms follow the weights
                     top_k_gates(gates, adapter, criterion, sparsity)
@@ -167,9 +177,10 @@ class Distill(Pass):
         dense_moved = mean_kl(teacher, model, check)
         del teacher
         state.reference_ppl = reference
-        info = {"steps": d.steps, "batch": d.batch, "lr": d.lr, "sparsity": sparsity, "criterion": criterion,
-                "gate": "topk", "train_tokens": int(train.numel()), "check_tokens": int(check.numel()),
-                "parameters_tuned": int(sum(p.numel() for p in params)), "data": prov,
+        info = {"steps": d.steps, "batch": d.batch, "lr": d.lr, "schedule": d.schedule, "sparsity": sparsity,
+                "criterion": criterion, "gate": "topk", "train_tokens": int(train.numel()),
+                "check_tokens": int(check.numel()), "parameters_tuned": int(sum(p.numel() for p in params)),
+                "data": prov,
                 "check_kl_before": round(before, 6), "check_kl_after": round(after, 6),
                 "dense_kl_after": round(dense_moved, 6), "train_kl_first": losses[0] if losses else None,
                 "train_kl_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 1)}

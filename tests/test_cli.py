@@ -439,13 +439,15 @@ def test_distilled_artifact_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_t
     shutil.copytree(tiny_llama_dir, source)
     code, stdout, err = run_inproc(["calibrate", "-m", source, "-d", calib_text, "-o", tmp_path / "o", *SMALL,
                                     "--transform", "none", "--criterion", "teal", "--allocation", "uniform",
-                                    "--distill-steps", "20", "--distill-lr", "3e-4", "--json"], capsys)
+                                    "--distill-steps", "20", "--distill-lr", "3e-4", "--distill-schedule", "cosine",
+                                    "--json"], capsys)
     assert code == 0, err
     d = as_json(stdout)["validation"]["distill"]
     assert d["check_kl_after"] < d["check_kl_before"] and d["steps"] == 20
-    assert "steps: 20" in (tmp_path / "o" / "recipe.yaml").read_text()
+    recipe = (tmp_path / "o" / "recipe.yaml").read_text()
+    assert "steps: 20" in recipe and "schedule: cosine" in recipe and d["schedule"] == "cosine"
     code, stdout, err = run_inproc(["inspect", tmp_path / "o"], capsys)
-    assert code == 0 and "distilled: 20 steps" in " ".join(stdout.split())
+    assert code == 0 and "distilled: 20 steps (lr 0.0003, cosine)" in " ".join(stdout.split())
     bench = ["bench", tmp_path / "o", "--data", eval_text, "--num-samples", "2", "--seq-len", "64",
              "--sparsity", "0.3", "--configs", "teal/uniform"]
     code, stdout, err = run_inproc(bench + ["--json"], capsys)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_recipe, run_pipeline, tiny_model, tiny_tokenizer
 from passes.base import PassResult, PipelineState
-from passes.distill import Distill, distill_windows, tuned_parameters
+from passes.distill import Distill, distill_windows, lr_factor, tuned_parameters
 from wina_cli.config import recipe_from_dict, validate
 from wina_cli.errors import ConfigError, DataError, PassError
 from wina_cli.perplexity import perplexity
@@ -86,6 +86,29 @@ def test_a_kl_that_did_not_fall_fails_the_pass():
     Distill().ensures(state, PassResult(True, {**info, "check_kl_after": 0.07}))  # a fall passes
 
 
+def test_cosine_schedule_decays_from_lr_towards_zero():
+    assert [lr_factor("constant", s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    f = [lr_factor("cosine", s, 10) for s in range(10)]
+    assert f[0] == 1.0 and f[5] == pytest.approx(0.5) and 0 < f[-1] < 0.03
+    assert all(a > b for a, b in zip(f, f[1:]))
+
+
+def test_the_schedule_sets_the_rate_of_every_step(calib_text, monkeypatch):
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    state = run_pipeline("llama", "none", **{**DISTILL, "distill.steps": 8, "distill.schedule": "cosine"},
+                         **{"distill.data": str(calib_text)})
+    assert rates == pytest.approx([3e-4 * lr_factor("cosine", s, 8) for s in range(8)])
+    info = state.validation["distill"]
+    assert info["schedule"] == "cosine" and info["check_kl_after"] < info["check_kl_before"]
+
+
 def test_budget_counts_from_the_dense_original(calib_text):
     state = run_pipeline("llama", "none", **DISTILL, **{"distill.data": str(calib_text),
                                                         "sparsity.max_ppl_increase": 0.05, "holdout.num_samples": 2})
@@ -96,7 +119,7 @@ def test_budget_counts_from_the_dense_original(calib_text):
 
 
 @pytest.mark.parametrize("key,value", [("steps", -1), ("batch", 0), ("lr", 0.0), ("lr", 0.5), ("sparsity", 0.95),
-                                       ("check_samples", 0)])
+                                       ("check_samples", 0), ("schedule", "linear")])
 def test_bad_distill_settings_are_config_errors(key, value):
     with pytest.raises(ConfigError) as e:
         validate(recipe_from_dict({"model": "m", "data": {"path": "x"}, "distill": {key: value}}))

@@ -94,6 +94,8 @@ def calibrate(
                                                 "steps tuning the projection weights toward the dense original "
                                                 "under top-k gates (0: off)."),
     distill_lr: Optional[float] = typer.Option(None, "--distill-lr", help="Distillation learning rate."),
+    distill_schedule: Optional[str] = typer.Option(None, "--distill-schedule", help="Distillation learning rate "
+                                                   "over the steps: constant | cosine (decays towards 0)."),
     distill_sparsity: Optional[float] = typer.Option(None, "--distill-sparsity", help="Per-token sparsity the "
                                                      "distillation trains at (default: the target)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
@@ -116,7 +118,7 @@ def calibrate(
                  "method": method, "auto.transforms": auto_transforms, "auto.dense_first": auto_dense_first,
                  "auto.match_realized": auto_match_realized, "allocation.kl_criteria": kl_criteria,
                  "allocation.kl_estimate": kl_estimate, "distill.steps": distill_steps, "distill.lr": distill_lr,
-                 "distill.sparsity": distill_sparsity,
+                 "distill.sparsity": distill_sparsity, "distill.schedule": distill_schedule,
                  "output": output, "export.onnx": onnx, "export.onnx_dense": onnx_dense,
                  "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
@@ -755,7 +757,9 @@ def _realize(run, want: float, tries: int = 6):
 
 
 def _distill_text(d: dict) -> str:
-    return (f"distilled: {d['steps']} steps on {d['train_tokens']} tokens at sparsity {d['sparsity']:g} (top-k); "
+    # artifacts from before the schedule existed trained at a constant rate
+    return (f"distilled: {d['steps']} steps (lr {d['lr']:g}, {d.get('schedule', 'constant')}) on "
+            f"{d['train_tokens']} tokens at sparsity {d['sparsity']:g} (top-k); "
             f"gated KL from the dense original on {d['check_tokens']} check tokens {d['check_kl_before']:.4f} -> "
             f"{d['check_kl_after']:.4f}; the tuned dense model's KL {d['dense_kl_after']:.4f}")
 

@@ -89,6 +89,8 @@ class DistillSection:
     # AdamW, no weight decay. On SmolLM2 (60 steps at 0.5) 1e-4 left the least gated KL and the highest PPL-1%
     # sparsity; 3e-5 moved too little, 3e-4 moved the dense function more than the gates gained.
     lr: float = 1e-4
+    # constant | cosine (from lr towards 0 over the steps; from 2e-4 on SmolLM2 it measured even with constant 1e-4)
+    schedule: str = "constant"
     sparsity: float = 0.0  # the per-token sparsity trained at (0: sparsity.target)
     data: str = ""
     check_samples: int = 2  # windows kept back to check that the gated model's KL went down
@@ -139,6 +141,7 @@ CHOICES = {
     "method": ("manual", "auto"),
     "export.dtype": ("float32", "float16"),
     "export.attention": ("fused", "plain"),
+    "distill.schedule": ("constant", "cosine"),
 }
 
 
