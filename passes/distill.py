@@ -3,10 +3,11 @@ stays close to the dense original's.
 
 Gating drops input channels; the weights reading the kept ones can partly make up for what the dropped ones
 carried. Before the statistics are read, the decoder's projection weights (and biases) take `distill.steps` AdamW
-steps on KL(dense original || gated model), mean per token, with every projection gated top-k at
-`distill.sparsity` per token: a fixed count, because the weights could otherwise learn to lift activations over
-fixed thresholds and the sparsity would drift. Embeddings, norms, the LM head and basis matrices stay as they are
-(a folded, rotated model keeps its unit norms). The thresholds are calibrated afterwards, on the tuned model.
+steps on KL(dense original || gated model), mean per token, with every projection gated at `distill.sparsity`:
+top-k per token, or (`distill.gate: quantile`) at the quantile of each window's own scores. Never at fixed
+thresholds, because the weights could learn to lift activations over them and the sparsity would drift.
+Embeddings, norms, the LM head and basis matrices stay as they are (a folded, rotated model keeps its unit norms).
+The thresholds are calibrated afterwards, on the tuned model.
 
 The windows are cut from the distillation text (`distill.data`, by default the calibration text) with seed + 1,
 leaving out every window the statistics or the held-apart evaluation read; a few of them are kept back as check
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +78,35 @@ def tuned_parameters(adapter) -> list[torch.nn.Parameter]:
     return out
 
 
-def top_k_gates(gates: GateSet, adapter, criterion: str, sparsity: float) -> None:
-    """Every projection gated top-k at `sparsity` per token, with column norms of the current weights (wina)."""
+@dataclass
+class QuantileGate(Gate):
+    """Training only: the threshold is the `sparsity` quantile of this input's own scores (every token of the
+    window), so tokens keep more or fewer channels as under calibrated thresholds, while the share dropped cannot
+    drift as the weights learn."""
+
+    sparsity: float = 0.0
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        score = x.detach().abs()
+        if self.scale is not None:
+            score = score * self.scale.to(score.dtype)
+        drop = int(round(self.sparsity * score.numel()))
+        if drop <= 0:
+            return torch.ones_like(x, dtype=torch.bool)
+        return score > score.flatten().kthvalue(drop).values
+
+
+def training_gates(gates: GateSet, adapter, criterion: str, sparsity: float, kind: str = "topk") -> None:
+    """Every projection gated at `sparsity` (top-k per token, or at each window's quantile), with column norms of
+    the current weights (wina)."""
     for l, layer in enumerate(adapter.layers()):
         row = {}
         for name in PROJECTIONS:
             w = adapter.proj_weight(layer, name)
             n = int(w.shape[1])
-            row[name] = Gate(criterion, "topk", 0.0, n - int(round(sparsity * n)),
-                             column_norms(w) if criterion == "wina" else None)
+            scale = column_norms(w) if criterion == "wina" else None
+            row[name] = (QuantileGate(criterion, "threshold", scale=scale, sparsity=sparsity) if kind == "quantile"
+                         else Gate(criterion, "topk", 0.0, n - int(round(sparsity * n)), scale))
         gates.set_layer(l, row)
 
 
@@ -146,7 +168,7 @@ class Distill(Pass):
         for prm in model.parameters():
             prm.requires_grad_(False)
         gates = GateSet(adapter)
-        top_k_gates(gates, adapter, criterion, sparsity)
+        training_gates(gates, adapter, criterion, sparsity, d.gate)
         before = mean_kl(teacher, model, check)
         for prm in params:
             prm.requires_grad_(True)
@@ -167,7 +189,7 @@ class Distill(Pass):
                 sched.step()
                 losses.append(round(total, 5))
                 if criterion == "wina":  # the gate's column norms follow the weights
-                    top_k_gates(gates, adapter, criterion, sparsity)
+                    training_gates(gates, adapter, criterion, sparsity, d.gate)
                 state.progress(f"({step + 1}/{d.steps}) distilling at {sparsity:g}: KL {total:.4f}")
         finally:
             for prm in model.parameters():
@@ -178,7 +200,7 @@ class Distill(Pass):
         del teacher
         state.reference_ppl = reference
         info = {"steps": d.steps, "batch": d.batch, "lr": d.lr, "schedule": d.schedule, "sparsity": sparsity,
-                "criterion": criterion, "gate": "topk", "train_tokens": int(train.numel()),
+                "criterion": criterion, "gate": d.gate, "train_tokens": int(train.numel()),
                 "check_tokens": int(check.numel()), "parameters_tuned": int(sum(p.numel() for p in params)),
                 "data": prov,
                 "check_kl_before": round(before, 6), "check_kl_after": round(after, 6),

@@ -174,6 +174,20 @@ def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text):
                   "--seq-len", "64"], 8, "no kl allocation for criterion 'wina'")
 
 
+def test_bench_refuses_a_missing_allocation_before_measuring(capsys, monkeypatch, built, eval_text):
+    import wina_cli.runtime
+
+    loaded = []
+    real = wina_cli.runtime.load_runtime
+    monkeypatch.setattr(wina_cli.runtime, "load_runtime", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    # the built artifact has no KL tables; the pair listed after a valid one on the second artifact is still
+    # refused before the first artifact is loaded
+    art = built[0]
+    _bad(capsys, ["bench", art, art, "--data", eval_text, "--configs", "teal/uniform,teal/kl", "--num-samples",
+                  "2", "--seq-len", "64"], 8, f"'{art}' has no kl allocation for criterion 'teal'")
+    assert loaded == []
+
+
 def _auto_config(tmp_path, model_dir, text, auto: str) -> Path:
     cfg = tmp_path / "auto.yaml"
     cfg.write_text(f"model: {model_dir}\ndata:\n  path: {text}\n  num_samples: 4\n  seq_len: 64\n"
@@ -440,14 +454,16 @@ def test_distilled_artifact_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_t
     code, stdout, err = run_inproc(["calibrate", "-m", source, "-d", calib_text, "-o", tmp_path / "o", *SMALL,
                                     "--transform", "none", "--criterion", "teal", "--allocation", "uniform",
                                     "--distill-steps", "20", "--distill-lr", "3e-4", "--distill-schedule", "cosine",
-                                    "--json"], capsys)
+                                    "--distill-gate", "quantile", "--json"], capsys)
     assert code == 0, err
     d = as_json(stdout)["validation"]["distill"]
     assert d["check_kl_after"] < d["check_kl_before"] and d["steps"] == 20
     recipe = (tmp_path / "o" / "recipe.yaml").read_text()
     assert "steps: 20" in recipe and "schedule: cosine" in recipe and d["schedule"] == "cosine"
     code, stdout, err = run_inproc(["inspect", tmp_path / "o"], capsys)
-    assert code == 0 and "distilled: 20 steps (lr 0.0003, cosine)" in " ".join(stdout.split())
+    text = " ".join(stdout.split())
+    assert code == 0 and "distilled: 20 steps (lr 0.0003, cosine)" in text and "(window quantile)" in text
+    assert "gate: quantile" in recipe and d["gate"] == "quantile"
     bench = ["bench", tmp_path / "o", "--data", eval_text, "--num-samples", "2", "--seq-len", "64",
              "--sparsity", "0.3", "--configs", "teal/uniform"]
     code, stdout, err = run_inproc(bench + ["--json"], capsys)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_recipe, run_pipeline, tiny_model, tiny_tokenizer
 from passes.base import PassResult, PipelineState
-from passes.distill import Distill, distill_windows, lr_factor, tuned_parameters
+from passes.distill import Distill, QuantileGate, distill_windows, lr_factor, tuned_parameters
 from wina_cli.config import recipe_from_dict, validate
 from wina_cli.errors import ConfigError, DataError, PassError
 from wina_cli.perplexity import perplexity
@@ -109,6 +109,42 @@ def test_the_schedule_sets_the_rate_of_every_step(calib_text, monkeypatch):
     assert info["schedule"] == "cosine" and info["check_kl_after"] < info["check_kl_before"]
 
 
+def test_quantile_gate_drops_the_windows_share_with_tokens_varying():
+    x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.2, 3, 64)[None, :, None]
+    keep = QuantileGate("teal", "threshold", sparsity=0.4).mask(x)
+    assert int((~keep).sum()) == round(0.4 * x.numel())
+    per_token = keep.sum(-1).flatten()
+    assert per_token[-8:].float().mean() > per_token[:8].float().mean()  # louder tokens keep more channels
+    dropped = x.abs()[~keep]
+    assert float(dropped.max()) <= float(x.abs()[keep].min())
+    scale = torch.linspace(0.1, 2, 32)  # wina: the column norms weigh the scores
+    keep_w = QuantileGate("wina", "threshold", scale=scale, sparsity=0.4).mask(x)
+    assert int((~keep_w).sum()) == round(0.4 * x.numel()) and not torch.equal(keep, keep_w)
+    assert bool(QuantileGate("teal", "threshold", sparsity=0.0).mask(x).all())
+
+
+def test_quantile_gates_train_at_the_share_asked_for(calib_text, distilled, monkeypatch):
+    seen = []
+    mask = QuantileGate.mask
+
+    def spy(self, x):
+        keep = mask(self, x)
+        seen.append(1 - float(keep.float().mean()))
+        return keep
+
+    monkeypatch.setattr(QuantileGate, "mask", spy)
+    state = run_pipeline("llama", "none", **{**DISTILL, "distill.gate": "quantile"},
+                         **{"distill.data": str(calib_text)})
+    info = state.validation["distill"]
+    assert info["gate"] == "quantile" and info["check_kl_after"] < info["check_kl_before"]
+    # the share, or a little more where a repeated token's equal scores sit at the cut (all of them drop)
+    assert seen and all(info["sparsity"] - 1e-6 <= s < info["sparsity"] + 0.005 for s in seen)
+    assert sum(s == info["sparsity"] for s in seen) > len(seen) / 2
+    # another gate, so other weights than top-k's
+    other = dict(distilled.model.named_parameters())
+    assert any(not torch.equal(p, other[n]) for n, p in state.model.named_parameters())
+
+
 def test_budget_counts_from_the_dense_original(calib_text):
     state = run_pipeline("llama", "none", **DISTILL, **{"distill.data": str(calib_text),
                                                         "sparsity.max_ppl_increase": 0.05, "holdout.num_samples": 2})
@@ -119,7 +155,8 @@ def test_budget_counts_from_the_dense_original(calib_text):
 
 
 @pytest.mark.parametrize("key,value", [("steps", -1), ("batch", 0), ("lr", 0.0), ("lr", 0.5), ("sparsity", 0.95),
-                                       ("check_samples", 0), ("schedule", "linear")])
+                                       ("check_samples", 0), ("schedule", "linear"),
+                                       ("gate", "threshold")])
 def test_bad_distill_settings_are_config_errors(key, value):
     with pytest.raises(ConfigError) as e:
         validate(recipe_from_dict({"model": "m", "data": {"path": "x"}, "distill": {key: value}}))

@@ -92,12 +92,15 @@ def calibrate(
                                                        "same gate target (half the measurements)."),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Sparsity-aware distillation: AdamW "
                                                 "steps tuning the projection weights toward the dense original "
-                                                "under top-k gates (0: off)."),
+                                                "under sparsity gates (0: off)."),
     distill_lr: Optional[float] = typer.Option(None, "--distill-lr", help="Distillation learning rate."),
     distill_schedule: Optional[str] = typer.Option(None, "--distill-schedule", help="Distillation learning rate "
                                                    "over the steps: constant | cosine (decays towards 0)."),
-    distill_sparsity: Optional[float] = typer.Option(None, "--distill-sparsity", help="Per-token sparsity the "
+    distill_sparsity: Optional[float] = typer.Option(None, "--distill-sparsity", help="Sparsity the "
                                                      "distillation trains at (default: the target)."),
+    distill_gate: Optional[str] = typer.Option(None, "--distill-gate", help="Distillation gates: topk (the same "
+                                               "count per token) | quantile (each window cut at its own quantile, "
+                                               "tokens varying as under thresholds)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
     onnx: Optional[str] = typer.Option(None, "--onnx", help="Also write the artifact's ONNX export here "
@@ -119,6 +122,7 @@ def calibrate(
                  "auto.match_realized": auto_match_realized, "allocation.kl_criteria": kl_criteria,
                  "allocation.kl_estimate": kl_estimate, "distill.steps": distill_steps, "distill.lr": distill_lr,
                  "distill.sparsity": distill_sparsity, "distill.schedule": distill_schedule,
+                 "distill.gate": distill_gate,
                  "output": output, "export.onnx": onnx, "export.onnx_dense": onnx_dense,
                  "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
@@ -483,9 +487,14 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
     from .bench.quality import distilled, evaluate, source_model
     from .data import token_windows
     from .perplexity import max_sparsity_within, perplexity
-    from .runtime import load_runtime
+    from .runtime import artifact_allocations, load_runtime, missing_allocation
 
     progress = _progress(_want_progress(json_out))
+    for path in artifacts:  # before any measuring: a missing table would otherwise stop a long run part-way
+        have = artifact_allocations(path)
+        for c, a in pairs:
+            if (c, a) not in have:
+                raise missing_allocation(path, c, a)
     runs, dense, found = [], {}, []
     windows = None
     for path in artifacts:
@@ -756,10 +765,14 @@ def _realize(run, want: float, tries: int = 6):
     return round(best[1], 6), best[2]
 
 
+DISTILL_GATE_TEXT = {"topk": "top-k", "quantile": "window quantile"}
+
+
 def _distill_text(d: dict) -> str:
     # artifacts from before the schedule existed trained at a constant rate
+    gate = DISTILL_GATE_TEXT[d.get("gate", "topk")]
     return (f"distilled: {d['steps']} steps (lr {d['lr']:g}, {d.get('schedule', 'constant')}) on "
-            f"{d['train_tokens']} tokens at sparsity {d['sparsity']:g} (top-k); "
+            f"{d['train_tokens']} tokens at sparsity {d['sparsity']:g} ({gate}); "
             f"gated KL from the dense original on {d['check_tokens']} check tokens {d['check_kl_before']:.4f} -> "
             f"{d['check_kl_after']:.4f}; the tuned dense model's KL {d['dense_kl_after']:.4f}")
 

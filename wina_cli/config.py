@@ -91,7 +91,10 @@ class DistillSection:
     lr: float = 1e-4
     # constant | cosine (from lr towards 0 over the steps; from 2e-4 on SmolLM2 it measured even with constant 1e-4)
     schedule: str = "constant"
-    sparsity: float = 0.0  # the per-token sparsity trained at (0: sparsity.target)
+    sparsity: float = 0.0  # the sparsity trained at (0: sparsity.target)
+    # topk: each token keeps the same number of channels. quantile: each window's scores are cut at their own
+    # `sparsity` quantile, so tokens vary as under calibrated thresholds while the share dropped stays fixed.
+    gate: str = "topk"
     data: str = ""
     check_samples: int = 2  # windows kept back to check that the gated model's KL went down
 
@@ -142,6 +145,7 @@ CHOICES = {
     "export.dtype": ("float32", "float16"),
     "export.attention": ("fused", "plain"),
     "distill.schedule": ("constant", "cosine"),
+    "distill.gate": ("topk", "quantile"),
 }
 
 

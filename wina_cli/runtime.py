@@ -65,6 +65,35 @@ def read_gate_tensors(t: dict[str, torch.Tensor], wina_cfg: dict) -> tuple[Calib
     return stats, alloc, plan
 
 
+# The tensor whose presence says an allocation was measured for a criterion (uniform needs none).
+ALLOCATION_KEYS = {"greedy": "wina.greedy.{c}.0", "global": "wina.layer_path.{c}", "kl": "wina.kl.{c}"}
+
+
+def artifact_allocations(path: str | Path) -> set[tuple[str, str]]:
+    """The (criterion, allocation) pairs an artifact can plan, from its tensor names alone (nothing is loaded),
+    so a long benchmark can refuse a pair before it measures anything."""
+    from safetensors import safe_open
+
+    art = read_artifact(path, verify=False)
+    try:
+        with safe_open(str(art.path / WEIGHTS), "pt") as f:
+            keys = set(f.keys())
+    except Exception as e:
+        raise ArtifactError(f"'{WEIGHTS}' in '{art.path}' cannot be read", str(e), "rebuild the artifact") from e
+    return {(c, a) for c in CRITERIA for a in ALLOCATIONS
+            if a == "uniform" or ALLOCATION_KEYS[a].format(c=c) in keys}
+
+
+def missing_allocation(path, criterion: str, allocation: str) -> ArtifactError:
+    fix = (f"recalibrate with `allocation.kl_criteria: {criterion}` (or `--allocation kl --criterion "
+           f"{criterion}`), or pick another allocation" if allocation == "kl"
+           else f"pick another allocation (e.g. {criterion}/uniform), or recalibrate")
+    where = f"'{path}'" if path is not None else "the artifact"
+    return ArtifactError(f"{where} has no {allocation} allocation for criterion '{criterion}'",
+                         "it was calibrated without it (the KL tables are measured only for the criteria asked "
+                         "for; artifacts older than the global allocation lack its layer paths)", fix)
+
+
 def policy_text(wina: dict) -> str:
     """The gate policy of an artifact's wina block, in words."""
     parts = (["dense prompt"] if wina.get("dense_prompt") else []) + \
@@ -96,12 +125,8 @@ class Runtime:
             raise ConfigError(f"target sparsity {target} is out of range", "targets lie in [0, 0.9]",
                               "pick a value such as 0.5")
         if not self.allocation.has(criterion, allocation):
-            fix = (f"recalibrate with `allocation.kl_criteria: {criterion}` (or `--allocation kl --criterion "
-                   f"{criterion}`), or pick another allocation" if allocation == "kl"
-                   else "use --allocation uniform or recalibrate")
-            raise ArtifactError(f"the artifact has no {allocation} allocation for criterion '{criterion}'",
-                                "it was calibrated without it (the KL tables are measured only for the criteria "
-                                "asked for; artifacts older than the global allocation lack its layer paths)", fix)
+            raise missing_allocation(self.artifact.path if self.artifact is not None else None, criterion,
+                                     allocation)
         return plan_gates(self.stats, self.allocation, criterion, mode, allocation, target)
 
     def dense(self):
