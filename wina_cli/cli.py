@@ -769,7 +769,7 @@ DISTILL_GATE_TEXT = {"topk": "top-k", "quantile": "window quantile"}
 
 
 def _distill_text(d: dict) -> str:
-    # artifacts from before the schedule existed trained at a constant rate
+    # artifacts from before these options existed trained at a constant rate under top-k gates
     gate = DISTILL_GATE_TEXT[d.get("gate", "topk")]
     return (f"distilled: {d['steps']} steps (lr {d['lr']:g}, {d.get('schedule', 'constant')}) on "
             f"{d['train_tokens']} tokens at sparsity {d['sparsity']:g} ({gate}); "

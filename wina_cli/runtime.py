@@ -42,31 +42,36 @@ def gate_tensors(stats: CalibrationStats, alloc: Allocation, plan: GatePlan) -> 
     return {k: v.contiguous() for k, v in t.items()}
 
 
+# The tensor whose presence says an allocation was measured for a criterion (uniform needs none).
+ALLOCATION_KEYS = {"greedy": "wina.greedy.{c}.0", "global": "wina.layer_path.{c}", "kl": "wina.kl.{c}"}
+
+
+def has_table(keys, criterion: str, allocation: str) -> bool:
+    """Whether tensor names `keys` hold the table `allocation` plans from for `criterion`."""
+    return allocation == "uniform" or ALLOCATION_KEYS[allocation].format(c=criterion) in keys
+
+
 def read_gate_tensors(t: dict[str, torch.Tensor], wina_cfg: dict) -> tuple[CalibrationStats, Allocation, GatePlan]:
     try:
         stats = CalibrationStats({c: t[f"wina.quantiles.{c}"].float() for c in CRITERIA},
                                  t["wina.col_norms"].float(), t["wina.in_features"], t["wina.out_features"],
                                  int(t["wina.calibration_tokens"][0]))
         L = stats.num_layers
+        have = {a: [c for c in CRITERIA if has_table(t, c, a)] for a in ALLOCATION_KEYS}
         alloc = Allocation(t["wina.sizes"].float(),
-                           {c: [t[f"wina.greedy.{c}.{l}"].float() for l in range(L)] for c in CRITERIA
-                            if f"wina.greedy.{c}.0" in t},
-                           {c: t[f"wina.sensitivity.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t},
-                           {c: t[f"wina.layer_path.{c}"].float() for c in CRITERIA if f"wina.layer_path.{c}" in t},
-                           {c: t[f"wina.kl.{c}"].float() for c in CRITERIA if f"wina.kl.{c}" in t},
+                           {c: [t[f"wina.greedy.{c}.{l}"].float() for l in range(L)] for c in have["greedy"]},
+                           {c: t[f"wina.sensitivity.{c}"].float() for c in have["global"]},
+                           {c: t[f"wina.layer_path.{c}"].float() for c in have["global"]},
+                           {c: t[f"wina.kl.{c}"].float() for c in have["kl"]},
                            # artifacts of the first kl allocation (exact probe only) stored no levels
                            {c: t.get(f"wina.kl_levels.{c}", torch.tensor((0.0,) + KL_LEVELS_EXACT)).float()
-                            for c in CRITERIA if f"wina.kl.{c}" in t})
+                            for c in have["kl"]})
         plan = GatePlan(wina_cfg["criterion"], wina_cfg["mode"], wina_cfg["allocation"], float(wina_cfg["target"]),
                         t["wina.gate.sparsity"].float(), t["wina.gate.threshold"].float(), t["wina.gate.k"])
     except KeyError as e:
         raise ArtifactError(f"the artifact's weights lack gate tensor {e}", "the file is not a complete wina artifact",
                             "rebuild it with `wina calibrate`") from e
     return stats, alloc, plan
-
-
-# The tensor whose presence says an allocation was measured for a criterion (uniform needs none).
-ALLOCATION_KEYS = {"greedy": "wina.greedy.{c}.0", "global": "wina.layer_path.{c}", "kl": "wina.kl.{c}"}
 
 
 def artifact_allocations(path: str | Path) -> set[tuple[str, str]]:
@@ -80,8 +85,7 @@ def artifact_allocations(path: str | Path) -> set[tuple[str, str]]:
             keys = set(f.keys())
     except Exception as e:
         raise ArtifactError(f"'{WEIGHTS}' in '{art.path}' cannot be read", str(e), "rebuild the artifact") from e
-    return {(c, a) for c in CRITERIA for a in ALLOCATIONS
-            if a == "uniform" or ALLOCATION_KEYS[a].format(c=c) in keys}
+    return {(c, a) for c in CRITERIA for a in ALLOCATIONS if has_table(keys, c, a)}
 
 
 def missing_allocation(path, criterion: str, allocation: str) -> ArtifactError:
