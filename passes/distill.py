@@ -4,7 +4,8 @@ stays close to the dense original's.
 Gating drops input channels; the weights reading the kept ones can partly make up for what the dropped ones
 carried. Before the statistics are read, the decoder's projection weights (and biases) take `distill.steps` AdamW
 steps on KL(dense original || gated model), mean per token, with every projection gated at `distill.sparsity`:
-top-k per token, or (`distill.gate: quantile`) at the quantile of each window's own scores. Never at fixed
+top-k per token, or (`distill.gate: quantile`) at the quantile of each window's own scores; with
+`distill.sparsity_max`, each step at a sparsity drawn uniformly from [sparsity, sparsity_max]. Never at fixed
 thresholds, because the weights could learn to lift activations over them and the sparsity would drift.
 Embeddings, norms, the LM head and basis matrices stay as they are (a folded, rotated model keeps its unit norms).
 The thresholds are calibrated afterwards, on the tuned model.
@@ -117,6 +118,14 @@ def lr_factor(schedule: str, step: int, steps: int) -> float:
     return 1.0
 
 
+def step_sparsities(lo: float, hi: float, steps: int, seed: int) -> list[float]:
+    """The sparsity of each step: `lo` throughout, or (hi > 0) uniform draws from [lo, hi], the same for a seed."""
+    if not hi:
+        return [lo] * steps
+    u = torch.rand(steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return [round(lo + (hi - lo) * float(v), 4) for v in u]
+
+
 def dense_gates(gates: GateSet, adapter) -> None:
     for l in range(len(adapter.layers())):
         gates.set_layer(l, {name: None for name in PROJECTIONS})
@@ -168,8 +177,18 @@ class Distill(Pass):
         for prm in model.parameters():
             prm.requires_grad_(False)
         gates = GateSet(adapter)
-        training_gates(gates, adapter, criterion, sparsity, d.gate)
-        before = mean_kl(teacher, model, check)
+        # a range is checked at both ends: the pass must help the gated model wherever it trained it
+        ends = [sparsity, d.sparsity_max] if d.sparsity_max else [sparsity]
+
+        def check_kl() -> list[float]:
+            out = []
+            for s in ends:
+                training_gates(gates, adapter, criterion, s, d.gate)
+                out.append(mean_kl(teacher, model, check))
+            return out
+
+        before = check_kl()
+        draws = step_sparsities(sparsity, d.sparsity_max, d.steps, r.seed + 2)
         for prm in params:
             prm.requires_grad_(True)
         torch.manual_seed(r.seed)
@@ -178,6 +197,8 @@ class Distill(Pass):
         losses = []
         try:
             for step in range(d.steps):
+                # the step's sparsity, and (wina) the column norms of the weights as they are now
+                training_gates(gates, adapter, criterion, draws[step], d.gate)
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for i in range(d.batch):  # one window at a time: the logits of a batch would double peak memory
@@ -188,13 +209,11 @@ class Distill(Pass):
                 opt.step()
                 sched.step()
                 losses.append(round(total, 5))
-                if criterion == "wina":  # the gate's column norms follow the weights
-                    training_gates(gates, adapter, criterion, sparsity, d.gate)
-                state.progress(f"({step + 1}/{d.steps}) distilling at {sparsity:g}: KL {total:.4f}")
+                state.progress(f"({step + 1}/{d.steps}) distilling at {draws[step]:g}: KL {total:.4f}")
         finally:
             for prm in model.parameters():
                 prm.requires_grad_(was[id(prm)])
-        after = mean_kl(teacher, model, check)
+        after = check_kl()
         dense_gates(gates, adapter)
         dense_moved = mean_kl(teacher, model, check)
         del teacher
@@ -203,9 +222,13 @@ class Distill(Pass):
                 "criterion": criterion, "gate": d.gate, "train_tokens": int(train.numel()),
                 "check_tokens": int(check.numel()), "parameters_tuned": int(sum(p.numel() for p in params)),
                 "data": prov,
-                "check_kl_before": round(before, 6), "check_kl_after": round(after, 6),
+                "check_kl_before": round(before[0], 6), "check_kl_after": round(after[0], 6),
                 "dense_kl_after": round(dense_moved, 6), "train_kl_first": losses[0] if losses else None,
                 "train_kl_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 1)}
+        if d.sparsity_max:
+            info.update({"sparsity_max": d.sparsity_max, "check_kl_before_at_max": round(before[1], 6),
+                         "check_kl_after_at_max": round(after[1], 6),
+                         "mean_step_sparsity": round(sum(draws) / len(draws), 4) if draws else None})
         if reference is not None:
             info["reference_holdout_ppl"] = round(reference, 4)
         state.validation["distill"] = info
@@ -217,11 +240,15 @@ class Distill(Pass):
             if not torch.isfinite(prm).all():
                 raise self.fail("a tuned weight is not finite", "the distillation diverged",
                                 "lower `distill.lr` (--distill-lr)")
-        if info["steps"] and not info["check_kl_after"] < info["check_kl_before"]:
-            raise self.fail(f"distillation did not lower the gated model's KL from the dense original on its "
-                            f"{info['check_tokens']} check tokens ({info['check_kl_before']:.4f} before, "
-                            f"{info['check_kl_after']:.4f} after)",
-                            "the steps moved the weights without helping the gated model: too high a learning "
-                            "rate, or too few steps to show",
-                            "lower `distill.lr` (--distill-lr) or raise `distill.steps` (--distill-steps), or "
-                            "turn distillation off (steps 0)")
+        checks = [(info["sparsity"], info["check_kl_before"], info["check_kl_after"])]
+        if "sparsity_max" in info:
+            checks.append((info["sparsity_max"], info["check_kl_before_at_max"], info["check_kl_after_at_max"]))
+        for at, before, after in checks:
+            if info["steps"] and not after < before:
+                raise self.fail(f"distillation did not lower the gated model's KL (gated at {at:g}) from the dense "
+                                f"original on its {info['check_tokens']} check tokens ({before:.4f} before, "
+                                f"{after:.4f} after)",
+                                "the steps moved the weights without helping the gated model: too high a "
+                                "learning rate, or too few steps to show",
+                                "lower `distill.lr` (--distill-lr) or raise `distill.steps` (--distill-steps), "
+                                "or turn distillation off (steps 0)")

@@ -448,6 +448,19 @@ def test_calibrate_also_writes_the_onnx_exports(tiny_llama_dir, calib_text, tmp_
     assert code == 7 and "exists" in err and not (tmp_path / "art2").exists()
 
 
+def test_distill_record_reads_as_one_sparsity_or_a_range():
+    from wina_cli.cli import _distill_text
+
+    one = {"steps": 8, "lr": 1e-4, "train_tokens": 1024, "sparsity": 0.5, "check_tokens": 128,
+           "check_kl_before": 0.5, "check_kl_after": 0.4, "dense_kl_after": 0.1}
+    text = _distill_text(one)
+    assert "at sparsity 0.5 (top-k)" in text and "0.5000 -> 0.4000;" in text and "constant" in text
+    ranged = _distill_text({**one, "sparsity": 0.3, "sparsity_max": 0.6, "check_kl_before_at_max": 0.9,
+                            "check_kl_after_at_max": 0.7})
+    assert "sparsities drawn from [0.3, 0.6]" in ranged
+    assert "0.5000 -> 0.4000 gated at 0.3, 0.9000 -> 0.7000 at 0.6" in ranged
+
+
 def test_distilled_artifact_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text, eval_text):
     source = tmp_path / "source"
     shutil.copytree(tiny_llama_dir, source)

@@ -6,7 +6,8 @@ import torch
 
 from conftest import make_recipe, run_pipeline, tiny_model, tiny_tokenizer
 from passes.base import PassResult, PipelineState
-from passes.distill import Distill, QuantileGate, distill_windows, lr_factor, tuned_parameters
+import passes.distill as distill_mod
+from passes.distill import Distill, QuantileGate, distill_windows, lr_factor, step_sparsities, tuned_parameters
 from wina_cli.config import recipe_from_dict, validate
 from wina_cli.errors import ConfigError, DataError, PassError
 from wina_cli.perplexity import perplexity
@@ -79,7 +80,7 @@ def test_a_kl_that_did_not_fall_fails_the_pass():
     from wina_cli.models.adapters import adapter_for
 
     state.adapter = adapter_for(state.model)
-    info = {"steps": 4, "check_tokens": 128, "check_kl_before": 0.08, "check_kl_after": 0.08}
+    info = {"steps": 4, "check_tokens": 128, "sparsity": 0.5, "check_kl_before": 0.08, "check_kl_after": 0.08}
     with pytest.raises(PassError) as e:
         Distill().ensures(state, PassResult(True, info))
     assert "did not lower" in e.value.message and "distill.lr" in e.value.fix
@@ -143,6 +144,62 @@ def test_quantile_gates_train_at_the_share_asked_for(calib_text, distilled, monk
     # another gate, so other weights than top-k's
     other = dict(distilled.model.named_parameters())
     assert any(not torch.equal(p, other[n]) for n, p in state.model.named_parameters())
+
+
+def test_step_sparsities_are_one_value_or_seeded_uniform_draws():
+    assert step_sparsities(0.5, 0.0, 4, 3) == [0.5] * 4
+    draws = step_sparsities(0.3, 0.6, 400, 3)
+    assert draws == step_sparsities(0.3, 0.6, 400, 3) and draws != step_sparsities(0.3, 0.6, 400, 4)
+    assert all(0.3 <= s <= 0.6 for s in draws) and min(draws) < 0.31 and max(draws) > 0.59
+    assert sum(draws) / len(draws) == pytest.approx(0.45, abs=0.02)
+
+
+def test_a_sparsity_range_trains_each_step_at_its_draw_and_checks_both_ends(calib_text, distilled, monkeypatch):
+    seen = []
+    set_gates = distill_mod.training_gates
+
+    def spy(gates, adapter, criterion, sparsity, kind="topk"):
+        seen.append(sparsity)
+        return set_gates(gates, adapter, criterion, sparsity, kind)
+
+    monkeypatch.setattr(distill_mod, "training_gates", spy)
+    # the range starts at the target (0.5); on the tiny model, one from 0.3 lowers the KL at 0.6 but not at 0.3
+    state = run_pipeline("llama", "none", **{**DISTILL, "distill.sparsity_max": 0.7},
+                         **{"distill.data": str(calib_text)})
+    info = state.validation["distill"]
+    draws = step_sparsities(0.5, 0.7, 20, state.recipe.seed + 2)
+    # the two ends checked before, each step at its own draw, the two ends checked after
+    assert seen == [0.5, 0.7, *draws, 0.5, 0.7] and len(set(draws)) == 20
+    assert info["sparsity"] == 0.5 and info["sparsity_max"] == 0.7
+    assert info["mean_step_sparsity"] == pytest.approx(sum(draws) / 20, abs=1e-4)
+    assert info["check_kl_after"] < info["check_kl_before"]
+    assert info["check_kl_after_at_max"] < info["check_kl_before_at_max"]
+    assert info["check_kl_before_at_max"] > info["check_kl_before"]  # sparser gates, further from the original
+    other = dict(distilled.model.named_parameters())  # other gates than the single-sparsity run's, other weights
+    assert any(not torch.equal(p, other[n]) for n, p in state.model.named_parameters())
+
+
+def test_a_range_whose_far_end_did_not_improve_fails_the_pass():
+    state = PipelineState(recipe=make_recipe(), model=tiny_model("llama"))
+    from wina_cli.models.adapters import adapter_for
+
+    state.adapter = adapter_for(state.model)
+    info = {"steps": 4, "check_tokens": 128, "sparsity": 0.3, "check_kl_before": 0.08, "check_kl_after": 0.07,
+            "sparsity_max": 0.6, "check_kl_before_at_max": 0.2, "check_kl_after_at_max": 0.21}
+    with pytest.raises(PassError) as e:
+        Distill().ensures(state, PassResult(True, info))
+    assert "gated at 0.6" in e.value.message and "0.2000 before" in e.value.message
+    Distill().ensures(state, PassResult(True, {**info, "check_kl_after_at_max": 0.19}))
+
+
+@pytest.mark.parametrize("distill,why", [({"sparsity_max": 0.95}, "at most 0.9"),
+                                         ({"sparsity_max": 0.4}, "starting at 0.5"),
+                                         ({"sparsity": 0.6, "sparsity_max": 0.6}, "starting at 0.6")])
+def test_a_sparsity_range_must_end_above_its_start(distill, why):
+    with pytest.raises(ConfigError) as e:
+        validate(recipe_from_dict({"model": "m", "data": {"path": "x"}, "distill": distill}))
+    assert "distill.sparsity_max" in e.value.message and why in f"{e.value.message} {e.value.why}"
+    validate(recipe_from_dict({"model": "m", "data": {"path": "x"}, "distill": {"sparsity_max": 0.7}}))
 
 
 def test_budget_counts_from_the_dense_original(calib_text):

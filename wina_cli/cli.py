@@ -98,6 +98,9 @@ def calibrate(
                                                    "over the steps: constant | cosine (decays towards 0)."),
     distill_sparsity: Optional[float] = typer.Option(None, "--distill-sparsity", help="Sparsity the "
                                                      "distillation trains at (default: the target)."),
+    distill_sparsity_max: Optional[float] = typer.Option(None, "--distill-sparsity-max", help="Train across a "
+                                                         "range: each step draws its sparsity uniformly from "
+                                                         "[--distill-sparsity, this] (0: one sparsity)."),
     distill_gate: Optional[str] = typer.Option(None, "--distill-gate", help="Distillation gates: topk (the same "
                                                "count per token) | quantile (each window cut at its own quantile, "
                                                "tokens varying as under thresholds)."),
@@ -122,7 +125,7 @@ def calibrate(
                  "auto.match_realized": auto_match_realized, "allocation.kl_criteria": kl_criteria,
                  "allocation.kl_estimate": kl_estimate, "distill.steps": distill_steps, "distill.lr": distill_lr,
                  "distill.sparsity": distill_sparsity, "distill.schedule": distill_schedule,
-                 "distill.gate": distill_gate,
+                 "distill.gate": distill_gate, "distill.sparsity_max": distill_sparsity_max,
                  "output": output, "export.onnx": onnx, "export.onnx_dense": onnx_dense,
                  "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
@@ -771,10 +774,16 @@ DISTILL_GATE_TEXT = {"topk": "top-k", "quantile": "window quantile"}
 def _distill_text(d: dict) -> str:
     # artifacts from before these options existed trained at a constant rate under top-k gates
     gate = DISTILL_GATE_TEXT[d.get("gate", "topk")]
+    if "sparsity_max" in d:
+        at = f"sparsities drawn from [{d['sparsity']:g}, {d['sparsity_max']:g}]"
+        check = (f"{d['check_kl_before']:.4f} -> {d['check_kl_after']:.4f} gated at {d['sparsity']:g}, "
+                 f"{d['check_kl_before_at_max']:.4f} -> {d['check_kl_after_at_max']:.4f} at {d['sparsity_max']:g}")
+    else:
+        at = f"sparsity {d['sparsity']:g}"
+        check = f"{d['check_kl_before']:.4f} -> {d['check_kl_after']:.4f}"
     return (f"distilled: {d['steps']} steps (lr {d['lr']:g}, {d.get('schedule', 'constant')}) on "
-            f"{d['train_tokens']} tokens at sparsity {d['sparsity']:g} ({gate}); "
-            f"gated KL from the dense original on {d['check_tokens']} check tokens {d['check_kl_before']:.4f} -> "
-            f"{d['check_kl_after']:.4f}; the tuned dense model's KL {d['dense_kl_after']:.4f}")
+            f"{d['train_tokens']} tokens at {at} ({gate}); gated KL from the dense original on "
+            f"{d['check_tokens']} check tokens {check}; the tuned dense model's KL {d['dense_kl_after']:.4f}")
 
 
 def _run_row(path, transform, criterion, allocation, target, r, policy="all", dense_ppl=None) -> dict:

@@ -92,6 +92,9 @@ class DistillSection:
     # constant | cosine (from lr towards 0 over the steps; from 2e-4 on SmolLM2 it measured even with constant 1e-4)
     schedule: str = "constant"
     sparsity: float = 0.0  # the sparsity trained at (0: sparsity.target)
+    # > 0: each step draws its sparsity uniformly from [sparsity, sparsity_max] (seeded), so one set of weights is
+    # trained for every target the artifact's tables serve rather than for one
+    sparsity_max: float = 0.0
     # topk: each token keeps the same number of channels. quantile: each window's scores are cut at their own
     # `sparsity` quantile, so tokens vary as under calibrated thresholds while the share dropped stays fixed.
     gate: str = "topk"
@@ -234,6 +237,12 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
     if not (0.0 <= d.sparsity <= 0.9):
         raise ConfigError(f"`distill.sparsity` is {d.sparsity}", "a sparsity lies in [0, 0.9] (0: sparsity.target)",
                           "pass a value such as 0.4")
+    lo = d.sparsity or recipe.sparsity.target
+    if d.sparsity_max and not (lo < d.sparsity_max <= 0.9):
+        raise ConfigError(f"`distill.sparsity_max` is {d.sparsity_max}, with the range starting at {lo:g}",
+                          "it ends the range each distillation step draws its sparsity from: above "
+                          "`distill.sparsity` (or sparsity.target when that is 0) and at most 0.9",
+                          "raise it above the start, or set 0 to train at one sparsity")
     if recipe.allocation.seq_len > recipe.data.seq_len:
         raise ConfigError(f"`allocation.seq_len` ({recipe.allocation.seq_len}) exceeds `data.seq_len` "
                           f"({recipe.data.seq_len})", "allocation windows are cut from the calibration windows",
