@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from wina_cli.config import distill_sparsity
 from wina_cli.data import token_windows
 from wina_cli.errors import DataError
 from wina_cli.gating import GateSet
@@ -162,7 +163,7 @@ class Distill(Pass):
         r, d = state.recipe, state.recipe.distill
         model, adapter = state.model, state.adapter
         criterion = r.sparsity.criterion
-        sparsity = d.sparsity or r.sparsity.target
+        sparsity = distill_sparsity(r)
         train, check, prov = distill_windows(state)
         t0 = time.perf_counter()
         teacher = copy.deepcopy(model)
@@ -228,7 +229,7 @@ class Distill(Pass):
         if d.sparsity_max:
             info.update({"sparsity_max": d.sparsity_max, "check_kl_before_at_max": round(before[1], 6),
                          "check_kl_after_at_max": round(after[1], 6),
-                         "mean_step_sparsity": round(sum(draws) / len(draws), 4) if draws else None})
+                         "mean_step_sparsity": round(sum(draws) / len(draws), 4)})  # the pass runs at steps > 0
         if reference is not None:
             info["reference_holdout_ppl"] = round(reference, 4)
         state.validation["distill"] = info

@@ -199,6 +199,11 @@ def set_path(recipe: Recipe, dotted: str, value) -> None:
     setattr(obj, last, value)
 
 
+def distill_sparsity(recipe) -> float:
+    """The sparsity distillation trains at, or where its range starts: `distill.sparsity`, 0 meaning the target."""
+    return recipe.distill.sparsity or recipe.sparsity.target
+
+
 def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
     for key, allowed in CHOICES.items():
         v = get_path(recipe, key)
@@ -237,7 +242,7 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
     if not (0.0 <= d.sparsity <= 0.9):
         raise ConfigError(f"`distill.sparsity` is {d.sparsity}", "a sparsity lies in [0, 0.9] (0: sparsity.target)",
                           "pass a value such as 0.4")
-    lo = d.sparsity or recipe.sparsity.target
+    lo = distill_sparsity(recipe)
     if d.sparsity_max and not (lo < d.sparsity_max <= 0.9):
         raise ConfigError(f"`distill.sparsity_max` is {d.sparsity_max}, with the range starting at {lo:g}",
                           "it ends the range each distillation step draws its sparsity from: above "
