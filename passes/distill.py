@@ -7,15 +7,18 @@ steps on KL(dense original || gated model), mean per token, with every projectio
 top-k per token, or (`distill.gate: quantile`) at the quantile of each window's own scores; with
 `distill.sparsity_max`, each step at a sparsity drawn uniformly from [sparsity, sparsity_max]. Never at fixed
 thresholds, because the weights could learn to lift activations over them and the sparsity would drift.
+With `distill.ce_weight` > 0 the loss adds that weight x the gated model's next-token cross-entropy on the
+distillation text: the weights then fit the text itself as well as the dense original, so the tuned model can read
+text of that kind better than the original does (domain adaptation, which the record and README say as such).
 Embeddings, norms, the LM head and basis matrices stay as they are (a folded, rotated model keeps its unit norms).
 The thresholds are calibrated afterwards, on the tuned model.
 
 The windows are cut from the distillation text (`distill.data`, by default the calibration text) with seed + 1,
 leaving out every window the statistics or the held-apart evaluation read; a few of them are kept back as check
 windows. The model's dense function changes by design: the pass records how far (the tuned dense model's KL from
-the original on the check windows), and ensures the gated model's KL on the check windows went down. The dense
-original's perplexity on the held-apart windows is kept as the reference of budgets and --method auto, so a
-budget counts from the model the user started with.
+the original on the check windows), and ensures the gated model's loss (the KL, plus the weighted cross-entropy)
+on the check windows went down. The dense original's perplexity on the held-apart windows is kept as the
+reference of budgets and --method auto, so a budget counts from the model the user started with.
 """
 from __future__ import annotations
 
@@ -132,18 +135,27 @@ def dense_gates(gates: GateSet, adapter) -> None:
         gates.set_layer(l, {name: None for name in PROJECTIONS})
 
 
-def window_kl(teacher, model, ids: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || model) over one or more windows; differentiable in the model."""
+def window_losses(teacher, model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token KL(teacher || model) over one or more windows, and the model's mean next-token cross-entropy
+    on the windows' own text; both differentiable in the model."""
     with torch.no_grad():
         ref = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
     got = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-    return (ref.exp() * (ref - got)).sum(dim=-1).mean()
+    kl = (ref.exp() * (ref - got)).sum(dim=-1).mean()
+    ce = F.nll_loss(got[:, :-1].reshape(-1, got.shape[-1]), ids[:, 1:].reshape(-1))
+    return kl, ce
 
 
 @torch.no_grad()
-def mean_kl(teacher, model, windows: torch.Tensor) -> float:
-    return sum(float(window_kl(teacher, model, windows[i:i + 1])) for i in range(windows.shape[0])) \
-        / windows.shape[0]
+def mean_losses(teacher, model, windows: torch.Tensor) -> tuple[float, float]:
+    """(KL, cross-entropy) of `model`, each the mean over the windows, one window at a time."""
+    per = [window_losses(teacher, model, windows[i:i + 1]) for i in range(windows.shape[0])]
+    return sum(float(kl) for kl, _ in per) / len(per), sum(float(ce) for _, ce in per) / len(per)
+
+
+def objective(kl, ce, ce_weight: float):
+    """What the steps minimise: the KL, plus the text's own cross-entropy at its weight."""
+    return kl + ce_weight * ce if ce_weight else kl
 
 
 class Distill(Pass):
@@ -181,55 +193,69 @@ class Distill(Pass):
         # a range is checked at both ends: the pass must help the gated model wherever it trained it
         ends = [sparsity, d.sparsity_max] if d.sparsity_max else [sparsity]
 
-        def check_kl() -> list[float]:
+        def check_losses() -> list[tuple[float, float]]:
             out = []
             for s in ends:
                 training_gates(gates, adapter, criterion, s, d.gate)
-                out.append(mean_kl(teacher, model, check))
+                out.append(mean_losses(teacher, model, check))
             return out
 
-        before = check_kl()
+        before = check_losses()
         draws = step_sparsities(sparsity, d.sparsity_max, d.steps, r.seed + 2)
         for prm in params:
             prm.requires_grad_(True)
         torch.manual_seed(r.seed)
         opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(d.schedule, s, d.steps))
-        losses = []
+        losses, kls = [], []  # the loss each step minimised, and its KL part
+        what = f"KL + {d.ce_weight:g} x CE" if d.ce_weight else "KL"
         try:
             for step in range(d.steps):
                 # the step's sparsity, and (wina) the column norms of the weights as they are now
                 training_gates(gates, adapter, criterion, draws[step], d.gate)
                 opt.zero_grad(set_to_none=True)
-                total = 0.0
+                total = total_kl = 0.0
                 for i in range(d.batch):  # one window at a time: the logits of a batch would double peak memory
                     j = step * d.batch + i
-                    loss = window_kl(teacher, model, train[j:j + 1]) / d.batch
+                    kl, ce = window_losses(teacher, model, train[j:j + 1])
+                    loss = objective(kl, ce, d.ce_weight) / d.batch
                     loss.backward()
                     total += float(loss.detach())
+                    total_kl += float(kl.detach()) / d.batch
                 opt.step()
                 sched.step()
                 losses.append(round(total, 5))
-                state.progress(f"({step + 1}/{d.steps}) distilling at {draws[step]:g}: KL {total:.4f}")
+                kls.append(round(total_kl, 5))
+                state.progress(f"({step + 1}/{d.steps}) distilling at {draws[step]:g}: {what} {total:.4f}")
         finally:
             for prm in model.parameters():
                 prm.requires_grad_(was[id(prm)])
-        after = check_kl()
+        after = check_losses()
         dense_gates(gates, adapter)
-        dense_moved = mean_kl(teacher, model, check)
+        dense_moved, dense_ce = mean_losses(teacher, model, check)
+        # the dense original's own cross-entropy, which KL alone cannot beat but a fit to the text can
+        original_ce = mean_losses(teacher, teacher, check)[1] if d.ce_weight else None
         del teacher
         state.reference_ppl = reference
         info = {"steps": d.steps, "batch": d.batch, "lr": d.lr, "schedule": d.schedule, "sparsity": sparsity,
                 "criterion": criterion, "gate": d.gate, "train_tokens": int(train.numel()),
                 "check_tokens": int(check.numel()), "parameters_tuned": int(sum(p.numel() for p in params)),
                 "data": prov,
-                "check_kl_before": round(before[0], 6), "check_kl_after": round(after[0], 6),
-                "dense_kl_after": round(dense_moved, 6), "train_kl_first": losses[0] if losses else None,
-                "train_kl_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 1)}
+                "check_kl_before": round(before[0][0], 6), "check_kl_after": round(after[0][0], 6),
+                "dense_kl_after": round(dense_moved, 6), "train_kl_first": kls[0] if kls else None,
+                "train_kl_last": kls[-1] if kls else None, "seconds": round(time.perf_counter() - t0, 1)}
         if d.sparsity_max:
-            info.update({"sparsity_max": d.sparsity_max, "check_kl_before_at_max": round(before[1], 6),
-                         "check_kl_after_at_max": round(after[1], 6),
+            info.update({"sparsity_max": d.sparsity_max, "check_kl_before_at_max": round(before[1][0], 6),
+                         "check_kl_after_at_max": round(after[1][0], 6),
                          "mean_step_sparsity": round(sum(draws) / len(draws), 4)})  # the pass runs at steps > 0
+        if d.ce_weight:
+            info.update({"ce_weight": d.ce_weight, "train_loss_first": losses[0], "train_loss_last": losses[-1],
+                         "check_ce_before": round(before[0][1], 6),
+                         "check_ce_after": round(after[0][1], 6), "dense_ce_after": round(dense_ce, 6),
+                         "original_ce": round(original_ce, 6)})
+            if d.sparsity_max:
+                info.update({"check_ce_before_at_max": round(before[1][1], 6),
+                             "check_ce_after_at_max": round(after[1][1], 6)})
         if reference is not None:
             info["reference_holdout_ppl"] = round(reference, 4)
         state.validation["distill"] = info
@@ -241,14 +267,16 @@ class Distill(Pass):
             if not torch.isfinite(prm).all():
                 raise self.fail("a tuned weight is not finite", "the distillation diverged",
                                 "lower `distill.lr` (--distill-lr)")
-        checks = [(info["sparsity"], info["check_kl_before"], info["check_kl_after"])]
-        if "sparsity_max" in info:
-            checks.append((info["sparsity_max"], info["check_kl_before_at_max"], info["check_kl_after_at_max"]))
-        for at, before, after in checks:
+        w = info.get("ce_weight", 0.0)
+        what = f"KL from the dense original + {w:g} x its cross-entropy on the text" if w else \
+            "KL from the dense original"
+        ends = [(info["sparsity"], "")] + ([(info["sparsity_max"], "_at_max")] if "sparsity_max" in info else [])
+        for at, tail in ends:
+            before, after = (objective(info[f"check_kl_{when}{tail}"], info.get(f"check_ce_{when}{tail}", 0.0), w)
+                             for when in ("before", "after"))
             if info["steps"] and not after < before:
-                raise self.fail(f"distillation did not lower the gated model's KL (gated at {at:g}) from the dense "
-                                f"original on its {info['check_tokens']} check tokens ({before:.4f} before, "
-                                f"{after:.4f} after)",
+                raise self.fail(f"distillation did not lower the gated model's {what} (gated at {at:g}) on its "
+                                f"{info['check_tokens']} check tokens ({before:.4f} before, {after:.4f} after)",
                                 "the steps moved the weights without helping the gated model: too high a "
                                 "learning rate, or too few steps to show",
                                 "lower `distill.lr` (--distill-lr) or raise `distill.steps` (--distill-steps), "

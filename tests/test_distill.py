@@ -75,16 +75,17 @@ def test_windows_leave_out_the_calibration_and_fail_clearly_when_short(calib_tex
     assert "too few windows" in e.value.message
 
 
-def test_a_kl_that_did_not_fall_fails_the_pass():
-    state = PipelineState(recipe=make_recipe(), model=tiny_model("llama"))
+def ensures(info: dict) -> PassError | None:
+    """The pass's `ensures` on a tiny model as built, against a made-up record: the error it raises, or None."""
     from wina_cli.models.adapters import adapter_for
 
+    state = PipelineState(recipe=make_recipe(), model=tiny_model("llama"))
     state.adapter = adapter_for(state.model)
-    info = {"steps": 4, "check_tokens": 128, "sparsity": 0.5, "check_kl_before": 0.08, "check_kl_after": 0.08}
-    with pytest.raises(PassError) as e:
+    try:
         Distill().ensures(state, PassResult(True, info))
-    assert "did not lower" in e.value.message and "distill.lr" in e.value.fix
-    Distill().ensures(state, PassResult(True, {**info, "check_kl_after": 0.07}))  # a fall passes
+    except PassError as e:
+        return e
+    return None
 
 
 def test_cosine_schedule_decays_from_lr_towards_zero():
@@ -179,17 +180,44 @@ def test_a_sparsity_range_trains_each_step_at_its_draw_and_checks_both_ends(cali
     assert any(not torch.equal(p, other[n]) for n, p in state.model.named_parameters())
 
 
-def test_a_range_whose_far_end_did_not_improve_fails_the_pass():
-    state = PipelineState(recipe=make_recipe(), model=tiny_model("llama"))
-    from wina_cli.models.adapters import adapter_for
+ONE = {"steps": 4, "check_tokens": 128, "sparsity": 0.5, "check_kl_before": 0.08, "check_kl_after": 0.08}
+RANGE = {**ONE, "sparsity": 0.3, "check_kl_after": 0.07, "sparsity_max": 0.6, "check_kl_before_at_max": 0.2,
+         "check_kl_after_at_max": 0.21}
+# the KL fell, but the cross-entropy rose by more: the objective the steps minimised went up
+FITTED = {**ONE, "check_kl_after": 0.07, "ce_weight": 1.0, "check_ce_before": 3.0, "check_ce_after": 3.02}
 
-    state.adapter = adapter_for(state.model)
-    info = {"steps": 4, "check_tokens": 128, "sparsity": 0.3, "check_kl_before": 0.08, "check_kl_after": 0.07,
-            "sparsity_max": 0.6, "check_kl_before_at_max": 0.2, "check_kl_after_at_max": 0.21}
-    with pytest.raises(PassError) as e:
-        Distill().ensures(state, PassResult(True, info))
-    assert "gated at 0.6" in e.value.message and "0.2000 before" in e.value.message
-    Distill().ensures(state, PassResult(True, {**info, "check_kl_after_at_max": 0.19}))
+
+@pytest.mark.parametrize("info,needles,fixed", [
+    (ONE, ["did not lower", "KL from the dense original (gated at 0.5)"], [{"check_kl_after": 0.07}]),
+    (RANGE, ["gated at 0.6", "0.2000 before"], [{"check_kl_after_at_max": 0.19}]),
+    (FITTED, ["1 x its cross-entropy", "3.0800 before, 3.0900 after"],
+     [{"check_ce_after": 3.0}, {"ce_weight": 0.0}]),  # KL alone: its fall is enough
+])
+def test_the_pass_fails_unless_its_objective_fell_at_every_checked_sparsity(info, needles, fixed):
+    e = ensures(info)
+    assert e is not None and all(n in e.message for n in needles), e
+    assert "distill.lr" in e.fix
+    for change in fixed:
+        assert ensures({**info, **change}) is None
+
+
+def test_a_cross_entropy_weight_fits_the_text_and_is_checked_and_recorded(calib_text, distilled):
+    state = run_pipeline("llama", "none", **{**DISTILL, "distill.ce_weight": 1.0},
+                         **{"distill.data": str(calib_text)})
+    info = state.validation["distill"]
+    assert info["ce_weight"] == 1.0
+    assert info["train_loss_first"] > info["train_kl_first"] > 0  # the loss trained on, and its KL part
+    assert info["check_ce_after"] < info["check_ce_before"]
+    assert info["check_kl_after"] + info["check_ce_after"] < info["check_kl_before"] + info["check_ce_before"]
+    # the same windows and gates as KL alone, so the weights differ only through the added term
+    assert info["check_kl_before"] == distilled.validation["distill"]["check_kl_before"]
+    other = dict(distilled.model.named_parameters())
+    assert any(not torch.equal(p, other[n]) for n, p in state.model.named_parameters())
+    tuned = distilled.validation["distill"]  # KL alone records no cross-entropy
+    assert "check_ce_after" not in tuned and "ce_weight" not in tuned
+    from passes.distill import mean_losses
+    assert info["original_ce"] == pytest.approx(mean_losses(tiny_model("llama", 0), tiny_model("llama", 0),
+                                                            distill_windows(state)[1])[1], rel=1e-5)
 
 
 @pytest.mark.parametrize("distill,why", [({"sparsity_max": 0.95}, "at most 0.9"),
@@ -213,7 +241,7 @@ def test_budget_counts_from_the_dense_original(calib_text):
 
 @pytest.mark.parametrize("key,value", [("steps", -1), ("batch", 0), ("lr", 0.0), ("lr", 0.5), ("sparsity", 0.95),
                                        ("check_samples", 0), ("schedule", "linear"),
-                                       ("gate", "threshold")])
+                                       ("gate", "threshold"), ("ce_weight", -0.5), ("ce_weight", 11.0)])
 def test_bad_distill_settings_are_config_errors(key, value):
     with pytest.raises(ConfigError) as e:
         validate(recipe_from_dict({"model": "m", "data": {"path": "x"}, "distill": {key: value}}))

@@ -104,6 +104,10 @@ def calibrate(
     distill_gate: Optional[str] = typer.Option(None, "--distill-gate", help="Distillation gates: topk (the same "
                                                "count per token) | quantile (each window cut at its own quantile, "
                                                "tokens varying as under thresholds)."),
+    distill_ce_weight: Optional[float] = typer.Option(None, "--distill-ce-weight", help="Add this weight x the "
+                                                      "gated model's cross-entropy on the distillation text to "
+                                                      "the loss, fitting that text as well as the dense original "
+                                                      "(0: KL alone)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype of the artifact."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Artifact folder to write."),
     onnx: Optional[str] = typer.Option(None, "--onnx", help="Also write the artifact's ONNX export here "
@@ -126,6 +130,7 @@ def calibrate(
                  "allocation.kl_estimate": kl_estimate, "distill.steps": distill_steps, "distill.lr": distill_lr,
                  "distill.sparsity": distill_sparsity, "distill.schedule": distill_schedule,
                  "distill.gate": distill_gate, "distill.sparsity_max": distill_sparsity_max,
+                 "distill.ce_weight": distill_ce_weight,
                  "output": output, "export.onnx": onnx, "export.onnx_dense": onnx_dense,
                  "sparsity.dense_prompt": dense_prompt, "sparsity.dense_first": dense_first,
                  "sparsity.max_ppl_increase": None if max_ppl_increase is None else _fraction(max_ppl_increase,
@@ -781,9 +786,14 @@ def _distill_text(d: dict) -> str:
     else:
         at = f"sparsity {d['sparsity']:g}"
         check = f"{d['check_kl_before']:.4f} -> {d['check_kl_after']:.4f}"
-    return (f"distilled: {d['steps']} steps (lr {d['lr']:g}, {d.get('schedule', 'constant')}) on "
+    text = (f"distilled: {d['steps']} steps (lr {d['lr']:g}, {d.get('schedule', 'constant')}) on "
             f"{d['train_tokens']} tokens at {at} ({gate}); gated KL from the dense original on "
             f"{d['check_tokens']} check tokens {check}; the tuned dense model's KL {d['dense_kl_after']:.4f}")
+    if "ce_weight" in d:
+        text += (f"; with {d['ce_weight']:g} x the text's cross-entropy, which went {d['check_ce_before']:.4f} -> "
+                 f"{d['check_ce_after']:.4f} gated, {d['dense_ce_after']:.4f} tuned dense (the dense original "
+                 f"{d['original_ce']:.4f})")
+    return text
 
 
 def _run_row(path, transform, criterion, allocation, target, r, policy="all", dense_ppl=None) -> dict:

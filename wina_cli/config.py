@@ -98,8 +98,11 @@ class DistillSection:
     # topk: each token keeps the same number of channels. quantile: each window's scores are cut at their own
     # `sparsity` quantile, so tokens vary as under calibrated thresholds while the share dropped stays fixed.
     gate: str = "topk"
+    # > 0: the loss adds this weight x the gated model's next-token cross-entropy on the distillation text itself,
+    # so the weights also fit that text (the deployment's domain), not only the dense original; 0: KL alone
+    ce_weight: float = 0.0
     data: str = ""
-    check_samples: int = 2  # windows kept back to check that the gated model's KL went down
+    check_samples: int = 2  # windows kept back to check that the gated model's loss went down
 
 
 @dataclass
@@ -242,6 +245,10 @@ def validate(recipe: Recipe, need_data: bool = True) -> Recipe:
     if not (0.0 <= d.sparsity <= 0.9):
         raise ConfigError(f"`distill.sparsity` is {d.sparsity}", "a sparsity lies in [0, 0.9] (0: sparsity.target)",
                           "pass a value such as 0.4")
+    if not (0.0 <= d.ce_weight <= 10.0):
+        raise ConfigError(f"`distill.ce_weight` is {d.ce_weight}",
+                          "it weighs the text's own next-token cross-entropy against the KL from the dense original, "
+                          "in [0, 10] (0: KL alone)", "use e.g. 1.0, or 0")
     lo = distill_sparsity(recipe)
     if d.sparsity_max and not (lo < d.sparsity_max <= 0.9):
         raise ConfigError(f"`distill.sparsity_max` is {d.sparsity_max}, with the range starting at {lo:g}",
