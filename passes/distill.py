@@ -142,8 +142,19 @@ def window_losses(teacher, model, ids: torch.Tensor) -> tuple[torch.Tensor, torc
         ref = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
     got = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
     kl = (ref.exp() * (ref - got)).sum(dim=-1).mean()
-    ce = F.nll_loss(got[:, :-1].reshape(-1, got.shape[-1]), ids[:, 1:].reshape(-1))
-    return kl, ce
+    return kl, next_token_ce(got, ids)
+
+
+def next_token_ce(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.nll_loss(logprobs[:, :-1].reshape(-1, logprobs.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def mean_ce(model, windows: torch.Tensor) -> float:
+    """The model's own next-token cross-entropy, the mean over the windows, one window at a time."""
+    per = [next_token_ce(F.log_softmax(model(input_ids=windows[i:i + 1], use_cache=False).logits.float(), dim=-1),
+                         windows[i:i + 1]) for i in range(windows.shape[0])]
+    return sum(float(ce) for ce in per) / len(per)
 
 
 @torch.no_grad()
@@ -151,6 +162,10 @@ def mean_losses(teacher, model, windows: torch.Tensor) -> tuple[float, float]:
     """(KL, cross-entropy) of `model`, each the mean over the windows, one window at a time."""
     per = [window_losses(teacher, model, windows[i:i + 1]) for i in range(windows.shape[0])]
     return sum(float(kl) for kl, _ in per) / len(per), sum(float(ce) for _, ce in per) / len(per)
+
+
+# the check record's key suffix for each end of the trained sparsity: the target, then the range's top
+END_TAILS = ("", "_at_max")
 
 
 def objective(kl, ce, ce_weight: float):
@@ -234,28 +249,25 @@ class Distill(Pass):
         dense_gates(gates, adapter)
         dense_moved, dense_ce = mean_losses(teacher, model, check)
         # the dense original's own cross-entropy, which KL alone cannot beat but a fit to the text can
-        original_ce = mean_losses(teacher, teacher, check)[1] if d.ce_weight else None
+        original_ce = mean_ce(teacher, check) if d.ce_weight else None
         del teacher
         state.reference_ppl = reference
         info = {"steps": d.steps, "batch": d.batch, "lr": d.lr, "schedule": d.schedule, "sparsity": sparsity,
                 "criterion": criterion, "gate": d.gate, "train_tokens": int(train.numel()),
                 "check_tokens": int(check.numel()), "parameters_tuned": int(sum(p.numel() for p in params)),
-                "data": prov,
-                "check_kl_before": round(before[0][0], 6), "check_kl_after": round(after[0][0], 6),
-                "dense_kl_after": round(dense_moved, 6), "train_kl_first": kls[0] if kls else None,
+                "data": prov, "dense_kl_after": round(dense_moved, 6), "train_kl_first": kls[0] if kls else None,
                 "train_kl_last": kls[-1] if kls else None, "seconds": round(time.perf_counter() - t0, 1)}
+        losses_kept = ("kl", "ce") if d.ce_weight else ("kl",)
+        for tail, b, a in zip(END_TAILS, before, after):
+            for k, loss in enumerate(losses_kept):
+                info[f"check_{loss}_before{tail}"] = round(b[k], 6)
+                info[f"check_{loss}_after{tail}"] = round(a[k], 6)
         if d.sparsity_max:
-            info.update({"sparsity_max": d.sparsity_max, "check_kl_before_at_max": round(before[1][0], 6),
-                         "check_kl_after_at_max": round(after[1][0], 6),
+            info.update({"sparsity_max": d.sparsity_max,
                          "mean_step_sparsity": round(sum(draws) / len(draws), 4)})  # the pass runs at steps > 0
         if d.ce_weight:
             info.update({"ce_weight": d.ce_weight, "train_loss_first": losses[0], "train_loss_last": losses[-1],
-                         "check_ce_before": round(before[0][1], 6),
-                         "check_ce_after": round(after[0][1], 6), "dense_ce_after": round(dense_ce, 6),
-                         "original_ce": round(original_ce, 6)})
-            if d.sparsity_max:
-                info.update({"check_ce_before_at_max": round(before[1][1], 6),
-                             "check_ce_after_at_max": round(after[1][1], 6)})
+                         "dense_ce_after": round(dense_ce, 6), "original_ce": round(original_ce, 6)})
         if reference is not None:
             info["reference_holdout_ppl"] = round(reference, 4)
         state.validation["distill"] = info
@@ -270,8 +282,8 @@ class Distill(Pass):
         w = info.get("ce_weight", 0.0)
         what = f"KL from the dense original + {w:g} x its cross-entropy on the text" if w else \
             "KL from the dense original"
-        ends = [(info["sparsity"], "")] + ([(info["sparsity_max"], "_at_max")] if "sparsity_max" in info else [])
-        for at, tail in ends:
+        ends = [info["sparsity"]] + ([info["sparsity_max"]] if "sparsity_max" in info else [])
+        for at, tail in zip(ends, END_TAILS):
             before, after = (objective(info[f"check_kl_{when}{tail}"], info.get(f"check_ce_{when}{tail}", 0.0), w)
                              for when in ("before", "after"))
             if info["steps"] and not after < before:

@@ -101,6 +101,7 @@ def test_bench_budgets_policies_and_global_allocation(built, eval_text):
         assert 0.0 <= f["target_sparsity"] <= 0.9
         assert f["dense_ppl"] == runs[("dense", "-", f["policy"])]["ppl"]  # the budget is under the row's policy
         assert f["ppl"] <= f["dense_ppl"] * (1 + f["max_ppl_increase"]) * (1 + 1e-9)
+        assert f["reference"] == "dense"  # not distilled: one dense model, one search
     from wina_cli.bench.report import markdown
 
     md = markdown(b).splitlines()
@@ -122,6 +123,32 @@ def test_bench_at_realized_sparsity(built, eval_text):
     from wina_cli.bench.report import markdown
 
     assert "| 0.3 | 0.5 |" in markdown(b).splitlines()[0]
+
+
+def test_bench_markdown_budgets_from_the_tuned_dense_model():
+    from wina_cli.bench.report import markdown
+
+    def run(art, crit, ppl, **extra):
+        return {"artifact": art, "transform": "none", "criterion": crit, "allocation": "-" if crit == "dense"
+                else "uniform", "policy": "all", "target_sparsity": 0.5, "realized_sparsity": 0.5, "ppl": ppl,
+                **extra}
+
+    def budget(art, realized, ref=None):
+        return {"artifact": art, "criterion": "teal", "allocation": "uniform", "policy": "all",
+                "max_ppl_increase": 0.01, "target_sparsity": realized, "realized_sparsity": realized,
+                **({} if ref is None else {"reference": ref})}
+
+    result = {"runs": [run("plain", "dense", 10.0), run("plain", "teal", 12.0),
+                       run("tuned", "dense", 10.0, tuned_dense_ppl=9.0), run("tuned", "teal", 11.0)],
+              "budgets": [budget("plain", 0.25, "dense"), budget("tuned", 0.4, "source checkpoint"),
+                          budget("tuned", 0.3, "tuned dense")]}
+    md = markdown(result).splitlines()
+    assert md[0].endswith("| PPL-1% | PPL-1% from tuned dense |")
+    # an artifact that was not tuned has one dense model: its one search fills both columns
+    assert md[2].endswith("| 0.250 (0.250) | 0.250 (0.250) |") and md[3].endswith("| 0.400 (0.400) | 0.300 (0.300) |")
+    # results written before budgets named their reference render as they did
+    old = {"runs": result["runs"][:2], "budgets": [budget("plain", 0.25)]}
+    assert markdown(old).splitlines()[0].endswith("| 0.5 | PPL-1% |")
 
 
 def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tiny_llama_dir, calib_text):
@@ -485,14 +512,26 @@ def test_distilled_artifact_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_t
     assert "gate: quantile" in recipe and d["gate"] == "quantile"
     assert "ce_weight: 0.5" in recipe and d["ce_weight"] == 0.5 and "with 0.5 x the text's cross-entropy" in text
     bench = ["bench", tmp_path / "o", "--data", eval_text, "--num-samples", "2", "--seq-len", "64",
-             "--sparsity", "0.3", "--configs", "teal/uniform"]
+             "--sparsity", "0.3", "--configs", "teal/uniform", "--ppl-budget", "20%"]
     code, stdout, err = run_inproc(bench + ["--json"], capsys)
     assert code == 0, err
-    dense = next(r for r in as_json(stdout)["runs"] if r["criterion"] == "dense")
+    result = as_json(stdout)
+    dense = next(r for r in result["runs"] if r["criterion"] == "dense")
     # the increases count from the checkpoint the weights were tuned from, and the tuned dense model is shown
     assert dense["reference"] == "source checkpoint" and dense["ppl"] != dense["tuned_dense_ppl"]
+    # the budget is searched from both: each found target keeps within its own reference
+    by_ref = {b["reference"]: b for b in result["budgets"]}
+    assert sorted(by_ref) == ["source checkpoint", "tuned dense"] and len(result["budgets"]) == 2
+    assert by_ref["source checkpoint"]["dense_ppl"] == dense["ppl"]
+    assert by_ref["tuned dense"]["dense_ppl"] == dense["tuned_dense_ppl"]
+    for b in by_ref.values():
+        assert b["ppl"] <= b["dense_ppl"] * 1.2
     code, stdout, err = run_inproc(bench + ["--markdown"], capsys)
     assert code == 0 and f"{dense['ppl']:.2f} (tuned {dense['tuned_dense_ppl']:.2f})" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith("| none"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert "PPL-20% from tuned dense" in stdout and cells[-2:] == [
+        f"{b['realized_sparsity']:.3f} ({b['target_sparsity']:.3f})" for b in by_ref.values()]
     # a source checkpoint that changed since is not taken as the reference
     cfg = source / "config.json"
     cfg.write_text(cfg.read_text() + "\n")

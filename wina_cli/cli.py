@@ -394,7 +394,8 @@ def bench(
                                 "teal/uniform,wina/global."),
     ppl_budget: Optional[str] = typer.Option(
         None, "--ppl-budget", help="Also find each configuration's PPL-p% sparsity on the evaluation text: the "
-                                   "highest model-wide sparsity within (1 + p) of dense, e.g. 1%,5%."),
+                                   "highest model-wide sparsity within (1 + p) of dense, e.g. 1%,5% (for a distilled "
+                                   "artifact: of its source checkpoint, and again of its own dense model)."),
     policies: str = typer.Option("all", "--policies", help="Gate policies: all (every token sparse), prompt:N "
                                  "(first N tokens a dense prompt, the rest scored), first:N (first N dense)."),
     realized: bool = typer.Option(False, "--realized", help="Read --sparsity as the realized model-wide sparsity "
@@ -476,12 +477,12 @@ def bench(
     out.print(t)
     if result["budgets"]:
         bt = Table(title="PPL-p% sparsity: the highest model-wide target within (1 + p) of dense, on the same text")
-        for col in ("artifact", "transform", "criterion", "allocation", "policy", "budget", "target", "realized",
-                    "ppl", "vs dense"):
+        for col in ("artifact", "transform", "criterion", "allocation", "policy", "budget", "from", "target",
+                    "realized", "ppl", "vs dense"):
             bt.add_column(col)
         for b in result["budgets"]:
             bt.add_row(Path(b["artifact"]).name, b["transform"], b["criterion"], b["allocation"], b["policy"],
-                       f"+{b['max_ppl_increase'] * 100:g}%", f"{b['target_sparsity']:.3f}",
+                       f"+{b['max_ppl_increase'] * 100:g}%", b["reference"], f"{b['target_sparsity']:.3f}",
                        f"{b['realized_sparsity']:.3f}", f"{b['ppl']:.2f}",
                        f"{(b['ppl'] / b['dense_ppl'] - 1) * 100:+.2f}%")
         out.print(bt)
@@ -493,6 +494,7 @@ REALIZED_TOLERANCE = 0.003  # --realized: how close the realized sparsity must c
 def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num_samples, seq_len, seed,
                    json_out, realized=False) -> dict:
     from .bench.quality import distilled, evaluate, source_model
+    from .bench.report import TUNED_DENSE
     from .data import token_windows
     from .perplexity import max_sparsity_within, perplexity
     from .runtime import artifact_allocations, load_runtime, missing_allocation
@@ -513,12 +515,12 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
         # A distilled artifact's own dense model is the tuned one: its increases and budgets count from the
         # checkpoint it was tuned from (the dense row says both).
         source = source_model(rt) if distilled(rt) else None
-        dense_by_policy = {}
+        dense_by_policy, tuned_by_policy = {}, {}
         for pol in policies:
             d = evaluate(rt, None, windows.ids, progress, f"dense {pol.name} [{path.name}]", pol)
             row = _run_row(path, transform, "dense", "-", 0.0, d, pol.name, d.ppl)
             if source is not None:
-                row["tuned_dense_ppl"] = d.ppl
+                row["tuned_dense_ppl"] = tuned_by_policy[pol.name] = d.ppl
                 row["ppl"] = row["dense_ppl"] = perplexity(source, windows.ids, progress,
                                                            f"source checkpoint {pol.name}", pol.first_scored)
                 row["reference"] = "source checkpoint"
@@ -551,13 +553,18 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
                                               f"{c}/{a}/{t:.3f} {pol.name} budget search [{path.name}]", pol)
                     return cache[key].ppl
 
+                # within (1 + p) of the dense model's perplexity on the tokens this policy scores; a distilled
+                # artifact is searched twice: from its source checkpoint (the quality the user started with), and
+                # from its own dense model, which separates what gating costs from what the tuning changed
+                refs = [("dense", dense_by_policy[pol.name])] if not tuned_by_policy else \
+                    [("source checkpoint", dense_by_policy[pol.name]), (TUNED_DENSE, tuned_by_policy[pol.name])]
                 for b in budgets:
-                    # within (1 + p) of the dense model's perplexity on the tokens this policy scores
-                    t, ppl = max_sparsity_within(ppl_at, dense_by_policy[pol.name] * (1 + b))
-                    found.append({"artifact": str(path), "transform": transform, "criterion": c, "allocation": a,
-                                  "policy": pol.name, "max_ppl_increase": b, "target_sparsity": t, "ppl": ppl,
-                                  "dense_ppl": dense_by_policy[pol.name],
-                                  "realized_sparsity": round(cache[round(t, 6)].realized_model, 4)})
+                    for ref, ref_ppl in refs:
+                        t, ppl = max_sparsity_within(ppl_at, ref_ppl * (1 + b))
+                        found.append({"artifact": str(path), "transform": transform, "criterion": c,
+                                      "allocation": a, "policy": pol.name, "max_ppl_increase": b, "reference": ref,
+                                      "target_sparsity": t, "ppl": ppl, "dense_ppl": ref_ppl,
+                                      "realized_sparsity": round(cache[round(t, 6)].realized_model, 4)})
     return {"dense_ppl": dense[str(artifacts[0])], "dense_ppl_by_artifact": dense, "mode": mode,
             "sparsity_basis": "realized" if realized else "target",
             "policies": [p.name for p in policies],

@@ -1,8 +1,11 @@
 """Render a quality bench result (the JSON `wina bench --json` prints) as a Markdown table: one row per
 transform x criterion x allocation (x policy), one column per target (per realized sparsity with `--realized`),
 each cell `ppl (realized sparsity)`, and, when the bench searched them, one column per perplexity budget with
-`realized sparsity (target)`, searched under the row's policy."""
+`realized sparsity (target)`, searched under the row's policy (and, for distilled artifacts, one more per budget
+counted from the tuned model's own dense perplexity)."""
 from __future__ import annotations
+
+TUNED_DENSE = "tuned dense"  # a budget's reference: a distilled artifact's own weights computed dense
 
 
 def markdown(result: dict) -> str:
@@ -20,11 +23,16 @@ def markdown(result: dict) -> str:
             # With --realized the columns are the realized sparsities asked for, each cell at its own target.
             rows.setdefault(key, {})[r.get("requested_realized", r["target_sparsity"])] = r
     budgets = sorted({b["max_ppl_increase"] for b in result.get("budgets", [])})
+    # a distilled artifact's budgets are searched from its source checkpoint and from its own dense model; an
+    # artifact that was not tuned has one dense model, which is both
+    own = {(b["artifact"], b["criterion"], b["allocation"], b.get("policy", "all"), b["max_ppl_increase"]): b
+           for b in result.get("budgets", []) if b.get("reference") == TUNED_DENSE}
     found = {(b["artifact"], b["criterion"], b["allocation"], b.get("policy", "all"), b["max_ppl_increase"]): b
-             for b in result.get("budgets", [])}
+             for b in result.get("budgets", []) if b.get("reference") != TUNED_DENSE}
     targets = sorted({t for cells in rows.values() for t in cells})
     head = ["transform", "criterion", "allocation"] + (["policy"] if show_policy else []) + ["dense"]
     head += [f"{t:g}" for t in targets] + [f"PPL-{b * 100:g}%" for b in budgets]
+    head += [f"PPL-{b * 100:g}% from tuned dense" for b in budgets] if own else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (art, transform, crit, alloc, pol), cells in rows.items():
         text = [transform, crit, alloc] + ([pol] if show_policy else []) + [dense[(art, pol)]]
@@ -32,6 +40,9 @@ def markdown(result: dict) -> str:
                  for t in targets]
         for b in budgets:
             f = found.get((art, crit, alloc, pol, b))
+            text.append("-" if f is None else f"{f['realized_sparsity']:.3f} ({f['target_sparsity']:.3f})")
+        for b in budgets if own else []:
+            f = own.get((art, crit, alloc, pol, b), found.get((art, crit, alloc, pol, b)))
             text.append("-" if f is None else f"{f['realized_sparsity']:.3f} ({f['target_sparsity']:.3f})")
         lines.append("| " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
