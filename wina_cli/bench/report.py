@@ -25,10 +25,14 @@ def markdown(result: dict) -> str:
     budgets = sorted({b["max_ppl_increase"] for b in result.get("budgets", [])})
     # a distilled artifact's budgets are searched from its source checkpoint and from its own dense model; an
     # artifact that was not tuned has one dense model, which is both
-    own = {(b["artifact"], b["criterion"], b["allocation"], b.get("policy", "all"), b["max_ppl_increase"]): b
-           for b in result.get("budgets", []) if b.get("reference") == TUNED_DENSE}
-    found = {(b["artifact"], b["criterion"], b["allocation"], b.get("policy", "all"), b["max_ppl_increase"]): b
-             for b in result.get("budgets", []) if b.get("reference") != TUNED_DENSE}
+    def key(b: dict) -> tuple:
+        return b["artifact"], b["criterion"], b["allocation"], b.get("policy", "all"), b["max_ppl_increase"]
+
+    def cell(f: dict | None) -> str:
+        return "-" if f is None else f"{f['realized_sparsity']:.3f} ({f['target_sparsity']:.3f})"
+
+    own = {key(b): b for b in result.get("budgets", []) if b.get("reference") == TUNED_DENSE}
+    found = {key(b): b for b in result.get("budgets", []) if b.get("reference") != TUNED_DENSE}
     targets = sorted({t for cells in rows.values() for t in cells})
     head = ["transform", "criterion", "allocation"] + (["policy"] if show_policy else []) + ["dense"]
     head += [f"{t:g}" for t in targets] + [f"PPL-{b * 100:g}%" for b in budgets]
@@ -38,11 +42,8 @@ def markdown(result: dict) -> str:
         text = [transform, crit, alloc] + ([pol] if show_policy else []) + [dense[(art, pol)]]
         text += [f"{cells[t]['ppl']:.2f} ({cells[t]['realized_sparsity']:.3f})" if t in cells else "-"
                  for t in targets]
-        for b in budgets:
-            f = found.get((art, crit, alloc, pol, b))
-            text.append("-" if f is None else f"{f['realized_sparsity']:.3f} ({f['target_sparsity']:.3f})")
-        for b in budgets if own else []:
-            f = own.get((art, crit, alloc, pol, b), found.get((art, crit, alloc, pol, b)))
-            text.append("-" if f is None else f"{f['realized_sparsity']:.3f} ({f['target_sparsity']:.3f})")
+        text += [cell(found.get((art, crit, alloc, pol, b))) for b in budgets]
+        text += [cell(own.get((art, crit, alloc, pol, b), found.get((art, crit, alloc, pol, b))))
+                 for b in (budgets if own else [])]
         lines.append("| " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
