@@ -65,8 +65,9 @@ def distill_windows(state: PipelineState) -> tuple[torch.Tensor, torch.Tensor, d
         raise short(str(len(free)))
     order = torch.randperm(need, generator=torch.Generator().manual_seed(r.seed + 1))
     ids = tw.ids[torch.tensor(free)][order]
-    prov = {"path": path, "text_sha256": tw.provenance["text_sha256"], "seq_len": r.data.seq_len,
-            "windows": need, "seed": r.seed + 1}
+    # files_read: so that `wina bench` can refuse to evaluate on text the weights were tuned on
+    prov = {"path": path, "files_read": tw.provenance["files_read"], "text_sha256": tw.provenance["text_sha256"],
+            "seq_len": r.data.seq_len, "windows": need, "seed": r.seed + 1}
     return ids[d.check_samples:], ids[: d.check_samples], prov
 
 

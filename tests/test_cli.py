@@ -176,7 +176,7 @@ def test_calibrate_within_a_perplexity_budget_and_a_policy(capsys, tmp_path, tin
                   "--max-ppl-increase", "lots"], 3, "--max-ppl-increase 'lots'")
 
 
-def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text):
+def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text, eval_text):
     code, stdout, err = run_inproc(["calibrate", "-m", tiny_llama_dir, "-d", calib_text, "-o", tmp_path / "o",
                                     *SMALL, "--transform", "none", "--criterion", "teal", "--allocation", "kl",
                                     "--dense-first", "2", "--json"], capsys)
@@ -191,14 +191,57 @@ def test_kl_allocation_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_text):
     assert info["kl_estimate"] == "fisher" and info["kl_draws"] == 8 and check["measured"] > 0
     assert info["kl_dense_first"] == 2  # the estimate and its check leave out what the policy computes dense
     assert 1 / 3 <= check["ratio"] <= 3 and check["level"] == 0.5
-    code, stdout, err = run_inproc(["bench", tmp_path / "o", "--data", calib_text, "--sparsity", "0.5", "--configs",
+    code, stdout, err = run_inproc(["bench", tmp_path / "o", "--data", eval_text, "--sparsity", "0.5", "--configs",
                                     "teal/kl,teal/uniform", "--num-samples", "2", "--seq-len", "64", "--json"], capsys)
     assert code == 0, err
     runs = {r["allocation"]: r for r in as_json(stdout)["runs"]}
     assert runs["kl"]["ppl"] > 1 and runs["kl"]["realized_sparsity"] > 0.3
     assert runs["kl"]["ppl"] != runs["uniform"]["ppl"]  # another split of the same target
-    _bad(capsys, ["bench", tmp_path / "o", "--data", calib_text, "--configs", "wina/kl", "--num-samples", "2",
+    _bad(capsys, ["bench", tmp_path / "o", "--data", eval_text, "--configs", "wina/kl", "--num-samples", "2",
                   "--seq-len", "64"], 8, "no kl allocation for criterion 'wina'")
+
+
+def test_bench_refuses_the_text_an_artifact_was_calibrated_on(capsys, built, calib_text, eval_text):
+    art = built[0]
+    bench = ["bench", art, "--data", calib_text, "--sparsity", "0.5", "--configs", "teal/uniform", "--num-samples",
+             "2", "--seq-len", "64"]
+    _bad(capsys, bench, 6, f"overlaps the calibration text of '{art}'", "1 of the 1 files", "--allow-overlap")
+    code, stdout, err = run_inproc(bench + ["--allow-overlap", "--json"], capsys)
+    assert code == 0, err
+    ev = as_json(stdout)["eval"]
+    assert ev["fitted_overlap"] == {str(art): {"calibration": [str(calib_text.resolve())]}}
+    assert ev["overlap_unchecked"] == {}
+    code, stdout, err = run_inproc(bench + ["--allow-overlap"], capsys)
+    assert code == 0 and "measured on text it was fitted to" in " ".join(stdout.split())
+    # another text is measured, and says it was checked clean
+    code, stdout, err = run_inproc(["bench", art, "--data", eval_text, *bench[4:], "--json"], capsys)
+    assert code == 0, err
+    assert as_json(stdout)["eval"]["fitted_overlap"] == {}
+
+
+def test_fitted_text_overlap_reads_what_calibration_and_distillation_read(tmp_path):
+    from wina_cli.bench.quality import fitted_text_overlap
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (folder / name).write_text("some text\n")
+    a, b, c = (folder / n for n in ("a.txt", "b.txt", "c.txt"))
+    manifest = {"calibration": {"path": str(a), "files_read": 1},
+                "validation": {"distill": {"steps": 4, "data": {"path": str(folder), "files_read": 2}}}}
+    # distillation read the folder's first two files in order (a, b), not c
+    assert fitted_text_overlap(manifest, [b.resolve(), c.resolve()]) == ({"distillation": [str(b.resolve())]}, [])
+    assert fitted_text_overlap(manifest, [c.resolve()]) == ({}, [])
+    assert fitted_text_overlap(manifest, [a.resolve()])[0] == {"calibration": [str(a.resolve())],
+                                                              "distillation": [str(a.resolve())]}
+    # what cannot be checked from here is said, not passed over
+    manifest["calibration"]["path"] = str(tmp_path / "gone")
+    del manifest["validation"]["distill"]["data"]["files_read"]
+    overlap, unchecked = fitted_text_overlap(manifest, [a.resolve()])
+    assert overlap == {} and len(unchecked) == 2
+    assert "not found here" in unchecked[0] and "its extent not recorded" in unchecked[1]
+    # no distillation, nothing to check for it
+    assert fitted_text_overlap({"calibration": {"path": str(a), "files_read": 1}}, [c.resolve()]) == ({}, [])
 
 
 def test_bench_refuses_a_missing_allocation_before_measuring(capsys, monkeypatch, built, eval_text):
@@ -504,6 +547,7 @@ def test_distilled_artifact_end_to_end(capsys, tmp_path, tiny_llama_dir, calib_t
     # the objective fell (on a tiny random model the fit to the text can cost KL)
     assert d["check_kl_after"] + 0.5 * d["check_ce_after"] < d["check_kl_before"] + 0.5 * d["check_ce_before"]
     assert d["steps"] == 20
+    assert d["data"]["files_read"] == 1  # what bench checks an evaluation text against
     recipe = (tmp_path / "o" / "recipe.yaml").read_text()
     assert "steps: 20" in recipe and "schedule: cosine" in recipe and d["schedule"] == "cosine"
     code, stdout, err = run_inproc(["inspect", tmp_path / "o"], capsys)

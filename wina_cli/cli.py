@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import EXIT_CODES, ConfigError, NotAvailableError, WinaError
+from .errors import EXIT_CODES, ConfigError, DataError, NotAvailableError, WinaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="wina: compile a Hugging Face decoder into an activation-sparse artifact (WINA / TEAL gates).")
@@ -403,6 +403,9 @@ def bench(
     num_samples: int = typer.Option(16, "--num-samples", help="Evaluation windows."),
     seq_len: int = typer.Option(512, "--seq-len"),
     seed: int = typer.Option(1, "--seed"),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Quality: measure even on text an artifact "
+                                       "was calibrated or distilled on (refused by default; the overlap is "
+                                       "recorded)."),
     json_out: bool = typer.Option(False, "--json"),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (targets as columns) on stdout."),
 ):
@@ -455,7 +458,7 @@ def bench(
         raise ConfigError("a policy's dense prefix is not shorter than --seq-len", "nothing would be sparse or "
                           "scored", "lower N or raise --seq-len")
     result = _bench_quality(artifacts, data, targets, pairs, mode, budgets, pols, num_samples, seq_len, seed, json_out,
-                            realized)
+                            realized, allow_overlap)
     if json_out:
         _emit_json(result)
         return
@@ -486,13 +489,19 @@ def bench(
                        f"{b['realized_sparsity']:.3f}", f"{b['ppl']:.2f}",
                        f"{(b['ppl'] / b['dense_ppl'] - 1) * 100:+.2f}%")
         out.print(bt)
+    ev = result["eval"]
+    for art, both in ev["fitted_overlap"].items():
+        out.print(f"{Path(art).name}: measured on text it was fitted to (--allow-overlap): "
+                  + "; ".join(f"{len(files)} files of its {what} text" for what, files in both.items()))
+    for art, missed in ev["overlap_unchecked"].items():
+        out.print(f"{Path(art).name}: not checked for overlap with the evaluation text: {', '.join(missed)}")
 
 
 REALIZED_TOLERANCE = 0.003  # --realized: how close the realized sparsity must come to the one asked for
 
 
 def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num_samples, seq_len, seed,
-                   json_out, realized=False) -> dict:
+                   json_out, realized=False, allow_overlap=False) -> dict:
     from .bench.quality import distilled, evaluate, source_model
     from .bench.report import TUNED_DENSE
     from .data import token_windows
@@ -511,6 +520,7 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
         rt = load_runtime(path)
         if windows is None:
             windows = token_windows(data, rt.tokenizer, num_samples, seq_len, seed)
+            overlaps, unchecked = _fitted_text_check(artifacts, data, windows.provenance, allow_overlap)
         transform = rt.artifact.wina.get("transform", "none")
         # A distilled artifact's own dense model is the tuned one: its increases and budgets count from the
         # checkpoint it was tuned from (the dense row says both).
@@ -568,8 +578,37 @@ def _bench_quality(artifacts, data, targets, pairs, mode, budgets, policies, num
     return {"dense_ppl": dense[str(artifacts[0])], "dense_ppl_by_artifact": dense, "mode": mode,
             "sparsity_basis": "realized" if realized else "target",
             "policies": [p.name for p in policies],
-            "eval": {"data": data, **{k: windows.provenance[k] for k in ("text_sha256", "tokens", "seed")}},
+            "eval": {"data": data, **{k: windows.provenance[k] for k in ("text_sha256", "tokens", "seed")},
+                     "fitted_overlap": overlaps, "overlap_unchecked": unchecked},
             "runs": runs, "budgets": found}
+
+
+def _fitted_text_check(artifacts, data, eval_prov: dict, allow: bool) -> tuple[dict, dict]:
+    """Before anything is measured: the evaluation files each artifact's calibration or distillation also read
+    ({artifact: {what: files}}), refused unless allowed, and what could not be checked ({artifact: [what]})."""
+    from .artifact import read_artifact
+    from .bench.quality import fitted_text_overlap
+    from .data import files_read
+
+    eval_files = files_read(eval_prov) or []
+    overlaps, unchecked = {}, {}
+    for path in artifacts:
+        both, missed = fitted_text_overlap(read_artifact(path, verify=False).manifest, eval_files)
+        if missed:
+            unchecked[str(path)] = missed
+        if both and not allow:
+            what, files = next(iter(both.items()))
+            raise DataError(f"the evaluation text '{data}' overlaps the {what} text of '{path}': {len(files)} of "
+                            f"the {len(eval_files)} files the evaluation read, e.g. '{files[0]}', were read by "
+                            f"the {what} too",
+                            "perplexity on text the gates or the tuned weights were fitted to overstates the "
+                            "quality on new text",
+                            "evaluate on text the artifact did not read (another file or folder; the manifest's "
+                            "`calibration` and `validation.distill.data` say what it read), or pass "
+                            "--allow-overlap to measure it anyway (the JSON records the overlap)")
+        if both:
+            overlaps[str(path)] = both
+    return overlaps, unchecked
 
 
 def _export_dense_reference(artifact: Path, out_dir: Path, graph: dict, tmp) -> None:

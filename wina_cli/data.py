@@ -43,6 +43,16 @@ def text_files(path: str) -> list[Path]:
                     "check the path (`make assets` fetches the default texts into ./assets)")
 
 
+def files_read(provenance: dict) -> list[Path] | None:
+    """The files a `token_windows` call read (the first `files_read` of its path, in the order it reads them),
+    resolved; None where the path is not found from here or the provenance does not count them. Read from the
+    folder as it is now: files added before the ones read would shift the list."""
+    path, n = provenance.get("path"), provenance.get("files_read")
+    if path is None or n is None or not Path(path).exists():
+        return None
+    return [f.resolve() for f in text_files(path)[:n]]
+
+
 def iter_documents(files: list[Path]):
     for f in files:
         try:

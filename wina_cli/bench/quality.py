@@ -3,9 +3,11 @@ and the sparsity each projection really had (counted channel by channel, not the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..data import files_read
 from ..gating import GatePlan
 from ..perplexity import perplexity
 from ..runtime import Runtime
@@ -91,3 +93,25 @@ def source_model(rt: Runtime):
                             f"its files hash to {str(loaded.source['sha256'])[:16]}..., the manifest records "
                             f"{src['sha256'][:16]}...", fix)
     return loaded.model
+
+
+def fitted_text_overlap(manifest: dict, eval_files: list[Path]) -> tuple[dict[str, list[str]], list[str]]:
+    """Which evaluation files an artifact was also fitted to: {"calibration" | "distillation": files} (the
+    calibration read the statistics', the allocation's and the held-apart windows; distillation the tuned
+    weights'), and what could not be checked from here (its text not found, or its extent not recorded)."""
+    fitted = {"calibration": manifest.get("calibration", {})}
+    d = manifest.get("validation", {}).get("distill", {})
+    if d.get("steps"):
+        fitted["distillation"] = d.get("data", {})
+    wanted = set(eval_files)
+    overlap, unchecked = {}, []
+    for what, prov in fitted.items():
+        read = files_read(prov)
+        if read is None:
+            unchecked.append(f"{what} text '{prov.get('path')}' "
+                             f"({'its extent not recorded' if 'files_read' not in prov else 'not found here'})")
+            continue
+        both = [str(f) for f in read if f in wanted]
+        if both:
+            overlap[what] = both
+    return overlap, unchecked
